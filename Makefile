@@ -1,6 +1,9 @@
 # Batch Normalization book: build, test and refresh the notebooks.
 #   make book     render the book from the stored notebook outputs -> _build/html
 #   make test     unit tests + re-execute every chapter (nbval) + strict build
+#                 + browser test of the built pages + Colab-style chapter run
+#   make browser  install Debian's chromium for the browser test (needs root)
+#   make test-book  only the book-level tests (tests_book/) on the current build
 #   make execute  re-run every chapter in place to refresh its stored outputs
 #   make bench    run the bnlib benchmarks
 #   make clean    remove _build
@@ -12,8 +15,9 @@ BIN = $(VENV)/bin
 PYTHON = $(BIN)/python
 STAMP = $(VENV)/.stamp
 
-# Deterministic notebook execution: fixed hash seed, no progress bars.
-NB_ENV = env -u BNLIB_PROGRESS PYTHONHASHSEED=0
+# Deterministic notebook execution: fixed hash seed, no progress bars, one torch
+# thread (the small models here run fastest on one, and stored outputs and CI agree).
+NB_ENV = env -u BNLIB_PROGRESS PYTHONHASHSEED=0 OMP_NUM_THREADS=1
 NOTEBOOKS = $(wildcard chapters/*.ipynb)
 
 # bash with -e/-o pipefail so that any failing command fails the target.
@@ -21,7 +25,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
 
-.PHONY: venv data book test execute bench clean
+.PHONY: venv data book test test-book browser execute bench clean
 
 venv: $(STAMP)
 
@@ -38,21 +42,43 @@ book: $(STAMP) data
 	$(BIN)/jupyter-book build .
 
 test: $(STAMP) data
-	@echo "==> [1/3] bnlib unit tests"
+	@echo "==> [1/5] bnlib unit tests"
 	@SECONDS=0; $(PYTHON) -m pytest -q tests; \
-	  echo "==> [1/3] unit tests passed in $${SECONDS}s"
-	@echo "==> [2/3] re-executing chapters with nbval"
+	  echo "==> [1/5] unit tests passed in $${SECONDS}s"
+	@echo "==> [2/5] re-executing chapters with nbval"
 	@SECONDS=0; \
 	if ls chapters/*.ipynb >/dev/null 2>&1; then \
 	  $(NB_ENV) $(PYTHON) -m pytest -q --nbval chapters/ \
 	    --nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout=600; \
-	  echo "==> [2/3] notebooks passed in $${SECONDS}s"; \
+	  echo "==> [2/5] notebooks passed in $${SECONDS}s"; \
 	else \
-	  echo "==> [2/3] skipped: no notebooks in chapters/ yet"; \
+	  echo "==> [2/5] skipped: no notebooks in chapters/ yet"; \
 	fi
-	@echo "==> [3/3] strict book build (-W -n)"
+	@echo "==> [3/5] strict book build (-W -n)"
 	@SECONDS=0; $(BIN)/jupyter-book build . -W -n --keep-going; \
-	  echo "==> [3/3] book built in $${SECONDS}s"
+	  echo "==> [3/5] book built in $${SECONDS}s"
+	@$(MAKE) --no-print-directory test-book
+
+# The book as readers use it (tests_book/, see README.md): every page of
+# _toc.yml in headless Chromium, then a chapter run Colab-style from a wheel in
+# a fresh venv outside the repository. Needs a built book (`make book`).
+test-book: $(STAMP) data browser
+	@echo "==> [4/5] browser test of the rendered pages"
+	@SECONDS=0; BOOK_CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_browser.py; \
+	  echo "==> [4/5] browser test passed in $${SECONDS}s (screenshots in _build/screenshots)"
+	@echo "==> [5/5] Colab-style run of a chapter from a fresh venv"
+	@SECONDS=0; $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_colab_style.py; \
+	  echo "==> [5/5] Colab-style test passed in $${SECONDS}s"
+
+# Headless Chromium for the browser test: Debian's package (CI runs as root
+# on Debian). Playwright drives it; its own browser download is not used.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	echo "==> installing chromium (apt)"; SECONDS=0; \
+	apt-get update -qq; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	echo "==> chromium installed in $${SECONDS}s"
 
 execute: $(STAMP) data
 	@if ! ls chapters/*.ipynb >/dev/null 2>&1; then \

@@ -11,16 +11,32 @@ but is written in plain tensor operations, so that every step can be read (chapt
     \qquad \overline{\,\cdot\,} = \text{mean over the } m \text{ values of a channel},
 
 which needs just two reductions (:math:`\sum g` and :math:`\sum g\hat x`) instead of the dozen
-nodes autograd would record. The backward is written in differentiable operations, so
-``create_graph=True`` and double backward work.
+nodes autograd would record. When a graph of the backward itself is requested
+(``create_graph=True``), the backward is computed in differentiable operations instead, so double
+backward works.
 
 Numerics:
 
-* the variance is computed by :func:`torch.var_mean` (a single-pass Welford/Chan reduction in
-  PyTorch), never as :math:`E[x^2]-E[x]^2`, which cancels catastrophically when
-  :math:`|\mu| \gg \sigma`;
+* the statistics come from the *corrected two-pass* algorithm (Chan, Golub & LeVeque, 1983): a first
+  reduction gives a per-channel shift :math:`K \approx \mu_B` (the float mean); the data are
+  centred, :math:`d = x - K`, and a second pass gives :math:`\delta = \overline{d}` and
+  :math:`\overline{d^2}`, so :math:`\mu_B = K + \delta` and :math:`\sigma_B^2 = \overline{d^2} -
+  \delta^2`. Since :math:`\delta` is tiny, nothing cancels; the textbook
+  :math:`E[x^2]-E[x]^2` on the raw data is never used (it loses every digit when
+  :math:`|\mu| \gg \sigma`, e.g. ``1e3 + 0.01 * noise`` in float32);
+* for the same reason the output is computed from the centred data, :math:`y = (d-\delta)\,
+  \gamma/\sqrt{\sigma_B^2+\epsilon} + \beta`, not as :math:`x\cdot s + t` (where the two large terms
+  would cancel), and the backward's :math:`\sum g\,(x-\mu_B)` as :math:`\sum g\,d - \delta\sum g`,
+  not as :math:`\sum g x - \mu_B \sum g`;
 * float16 and bfloat16 inputs are normalized with float32 statistics and the result is returned in
-  the input's dtype, as cuDNN and PyTorch do.
+  the input's dtype, as cuDNN and PyTorch do;
+* the output has the memory format torch.nn gives it (channels-last stays channels-last).
+
+Speed: on a CPU, a fresh full-size tensor costs more than a whole pass over one already allocated
+(the operating system must hand over and zero its pages). So each pass writes into the one buffer
+that must be allocated anyway: the output ``y`` in the forward, ``dx`` in the backward, used as
+scratch space before it receives the result. Per-channel reductions are cheap. ``python -m
+bnlib.bench`` compares the speed with torch.nn's C++ kernels.
 """
 
 from __future__ import annotations
@@ -70,6 +86,46 @@ def check_bn_input(input: Tensor, training: bool, **per_channel: Tensor | None) 
         )
 
 
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the statistics and of the arithmetic: float32 for half-precision inputs."""
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format of torch.nn's output for ``x``: channels-last when ``x``'s strides are ordered
+    like channels-last (ATen's ``suggest_memory_format``), else contiguous."""
+    if x.dim() not in (4, 5) or x.is_contiguous():
+        return torch.contiguous_format
+    order = (1, 3, 2, 0) if x.dim() == 4 else (1, 4, 3, 2, 0)  # innermost to outermost: C, W, H, (D,) N
+    size, stride = x.shape, x.stride()
+    smallest = 0
+    for d in order:
+        if size[d] == 0 or stride[d] < smallest or stride[1] == 0 or (d == 0 and smallest == stride[1]):
+            return torch.contiguous_format
+        smallest = stride[d] * size[d] if size[d] > 1 else stride[d]
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _buffer_like(x: Tensor) -> Tensor:
+    """An uninitialised tensor shaped like ``x``, in the dtype of the statistics and torch.nn's layout."""
+    return torch.empty_like(x, dtype=_stat_dtype(x), memory_format=_memory_format(x))
+
+
+def _sum_of_squares(d: Tensor, x: Tensor, shift: Tensor, dims: list[int]) -> Tensor:
+    """Σ d² per channel (shape ``(1, C, 1, ...)``) of the centred buffer ``d = x − shift``.
+
+    ``d`` is left holding ``x − shift``. In the ``(N, C, L)`` layout (contiguous, with spatial
+    dimensions) a fused norm kernel reduces each contiguous row; other layouts square ``d`` in place,
+    reduce, and centre ``x`` into it again, which is cheaper than a full-size temporary.
+    """
+    if d.dim() > 2 and d.is_contiguous():
+        rows = torch.linalg.vector_norm(d.view(d.shape[0], d.shape[1], -1), dim=2)  # √(Σ_l d²) per (n, c)
+        return rows.square_().sum(0).view(_channel_shape(d))  # Σ_n Σ_l d²
+    sum_sq = d.square_().sum(dims, keepdim=True)  # Σ d²
+    torch.sub(x, shift, out=d)  # d = x − K again
+    return sum_sq
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN: forward with batch statistics, closed-form backward.
 
@@ -77,50 +133,94 @@ class BatchNormFunction(torch.autograd.Function):
     ``var`` are the batch statistics per channel (float32 or float64), non-differentiable, returned
     so the caller can update running statistics without computing them twice. ``weight`` and
     ``bias`` may be ``None``.
+
+    Besides the one unavoidable new tensor per pass (``y``, then ``dx``), which is also the scratch
+    space, every step is a per-channel reduction or an in-place operation on it. Forward: Σx;
+    ``d = x − K`` into ``y``; Σd, Σd²; ``y = d·scale + offset``. Backward: Σg; ``d`` into ``dx``;
+    Σ g·d; ``dx = b·d + c + a·g``.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         dims, shape = _reduce_dims(x), _channel_shape(x)
-        xs = x.float() if x.dtype in _LOW_PRECISION else x  # statistics never in half precision
-        var, mean = torch.var_mean(xs, dims, correction=0, keepdim=True)  # σ²_B, μ_B (stable)
-        rstd = torch.rsqrt(var + eps)  # 1 / √(σ²_B + ε)
-        scale = rstd if weight is None else rstd * weight.to(rstd.dtype).view(shape)  # γ / √(σ²_B + ε)
-        shift = -mean * scale  # β − γ μ_B / √(σ²_B + ε)
-        if bias is not None:
-            shift = shift + bias.to(rstd.dtype).view(shape)
-        y = torch.addcmul(shift, xs, scale)  # y = γ x̂ + β as one fused multiply-add
+        m = x.numel() // x.shape[1]  # values per channel
+        # 1. Shift K ≈ μ_B per channel: the plain mean, one cheap reduction.
+        shift = x.sum(dims, keepdim=True, dtype=_stat_dtype(x)).div_(m)  # K = Σx / m
+        # 2. Centre into the output buffer (exact when x ≈ K, e.g. with a large offset).
+        y = _buffer_like(x)
+        torch.sub(x, shift, out=y)  # d = x − K
+        # 3. Second pass: mean and mean square of the centred data.
+        delta = y.sum(dims, keepdim=True).div_(m)  # δ = mean(d) = μ_B − K, tiny
+        mean_sq = _sum_of_squares(y, x, shift, dims).div_(m)  # mean(d²)
+        var = torch.addcmul(mean_sq, delta, delta, value=-1).clamp_min_(0)  # σ²_B = mean(d²) − δ²
+        rstd = var.add(eps).rsqrt_()  # 1 / √(σ²_B + ε)
+        # 4. y = γ (d − δ) / √(σ²_B + ε) + β  =  d·scale + (β − δ·scale), in place.
+        scale = rstd if weight is None else rstd * weight.view(shape)  # γ / √(σ²_B + ε)
+        if bias is None:
+            offset = (delta * scale).neg_()  # −δ·scale
+        else:
+            offset = torch.addcmul(bias.view(shape), delta, scale, value=-1)  # β − δ·scale
+        y.mul_(scale).add_(offset)  # y = d·scale + (β − δ·scale)
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(x, weight, shift, delta, rstd)
+        mean = shift + delta  # μ_B = K + δ
         ctx.mark_non_differentiable(mean, var)
         return y.to(x.dtype), mean.view(-1), var.view(-1)
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean, _dvar):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, shift, delta, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            return _differentiable_backward(ctx, x, weight, dy)
         dims, shape = _reduce_dims(x), _channel_shape(x)
         m = x.numel() // x.shape[1]
-        xs = x.float() if x.dtype in _LOW_PRECISION else x
-        g = dy.to(xs.dtype)
-        if torch.is_grad_enabled():
-            # create_graph=True: recompute the statistics from x so that this backward is itself
-            # differentiable with respect to x (the saved ones were computed without a graph).
-            var, mean = torch.var_mean(xs, dims, correction=0, keepdim=True)
-            rstd = torch.rsqrt(var + ctx.eps)
-        xhat = (xs - mean) * rstd  # x̂
-        sum_g = g.sum(dims, keepdim=True)  # Σ g       = ∂L/∂β
-        sum_gx = (g * xhat).sum(dims, keepdim=True)  # Σ g x̂  = ∂L/∂γ
-        dx = dweight = dbias = None
+        # 1. The two reductions, Σg and Σ g x̂ (with x − μ_B = d − δ, both small: no cancellation).
+        sum_g = dy.sum(dims, keepdim=True, dtype=rstd.dtype)  # Σ g       = ∂L/∂β
+        dx = _buffer_like(x)  # scratch space now, ∂L/∂x at the end
+        torch.sub(x, shift, out=dx)  # d = x − K
+        sum_gd = dx.mul_(dy).sum(dims, keepdim=True)  # Σ g·d
+        sum_gxhat = torch.addcmul(sum_gd, delta, sum_g, value=-1).mul_(rstd)  # Σ g x̂ = (Σ g·d − δ Σg) / √(σ²+ε) = ∂L/∂γ
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            k = rstd if weight is None else rstd * weight.to(rstd.dtype).view(shape)
-            # ∂L/∂x = γ/√(σ²+ε) · (g − Σg/m − x̂ Σg x̂/m)
-            dx = (k * (g - sum_g / m - xhat * (sum_gx / m))).to(x.dtype)
+            # 2. ∂L/∂x = a·(g − Σg/m − x̂ Σgx̂/m) with a = γ/√(σ²+ε) and x̂ = (d − δ)/√(σ²+ε)
+            #          = a·g + b·d + c  with  b = −a Σgx̂ / (m √(σ²+ε)),  c = −a Σg/m − b δ.
+            a = rstd if weight is None else rstd * weight.view(shape)
+            b = a * rstd * sum_gxhat * (-1.0 / m)
+            c = torch.addcmul(a * sum_g * (-1.0 / m), b, delta, value=-1)
+            torch.sub(x, shift, out=dx)  # d = x − K again
+            grad_x = dx.mul_(b).add_(c).addcmul_(dy, a).to(x.dtype)  # b·d + c + a·g, in place
         if weight is not None and ctx.needs_input_grad[1]:
-            dweight = sum_gx.view(-1).to(weight.dtype)
+            grad_weight = sum_gxhat.view(-1).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            dbias = sum_g.view(-1).to(ctx.bias_dtype)
-        return dx, dweight, dbias, None
+            grad_bias = sum_g.view(-1).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _differentiable_backward(ctx, x: Tensor, weight: Tensor | None, dy: Tensor):
+    """The closed-form backward in plain differentiable operations, for double backward.
+
+    The statistics are recomputed from ``x`` (two-pass) so that the graph of this backward reaches
+    ``x``; slower than :meth:`BatchNormFunction.backward`, used only with ``create_graph=True``.
+    """
+    dims, shape = _reduce_dims(x), _channel_shape(x)
+    xs, g = x.to(_stat_dtype(x)), dy.to(_stat_dtype(x))
+    mean = xs.mean(dims, keepdim=True)  # μ_B
+    xc = xs - mean  # x − μ_B
+    rstd = torch.rsqrt((xc * xc).mean(dims, keepdim=True) + ctx.eps)  # 1 / √(σ²_B + ε)
+    xhat = xc * rstd  # x̂
+    mean_g = g.mean(dims, keepdim=True)  # Σg / m
+    mean_gxhat = (g * xhat).mean(dims, keepdim=True)  # Σ g x̂ / m
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        a = rstd if weight is None else rstd * weight.view(shape)  # γ / √(σ²_B + ε)
+        grad_x = (a * (g - mean_g - xhat * mean_gxhat)).to(x.dtype)  # a (g − ḡ − x̂ · mean(g x̂))
+    m = x.numel() // x.shape[1]
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = (mean_gxhat * m).view(-1).to(weight.dtype)  # Σ g x̂
+    if ctx.needs_input_grad[2]:
+        grad_bias = (mean_g * m).view(-1).to(ctx.bias_dtype)  # Σ g
+    return grad_x, grad_weight, grad_bias, None
 
 
 def batch_norm(
@@ -148,10 +248,13 @@ def batch_norm(
         eps: :math:`\epsilon` added to the variance.
 
     Returns:
-        A tensor of the same shape, dtype and memory format as ``input``.
+        A tensor of the same shape and dtype as ``input``, in torch.nn's memory format: channels-last
+        stays channels-last, any other strides give a contiguous result.
     """
     check_bn_input(input, training, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if training:
+        if not eps > 0:  # a constant channel would give 0/0 (torch.nn refuses it too)
+            raise ValueError(f"expected eps > 0 when training (a constant channel has zero variance), got {eps!r}")
         y, mean, var = BatchNormFunction.apply(input, weight, bias, eps)
         if running_mean is not None or running_var is not None:
             m = input.numel() // input.shape[1]
@@ -159,19 +262,22 @@ def batch_norm(
                 if running_mean is not None:
                     running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 if running_var is not None:
-                    unbiased = var * (m / (m - 1))  # Var[x] estimate: m/(m−1) · σ²_B
-                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+                    # Var[x] estimate: the unbiased m/(m−1)·σ²_B, the factor folded into the weight
+                    running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * m / (m - 1))
         return y
 
     if running_mean is None or running_var is None:
         raise ValueError("expected running_mean and running_var in evaluation mode (training=False), got None")
-    # Inference (Algorithm 2): a fixed affine map y = x·γ/√(Var+ε) + (β − γE[x]/√(Var+ε)).
-    shape = _channel_shape(input)
-    dtype = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
-    scale = torch.rsqrt(running_var.to(dtype) + eps)
+    # Inference (Algorithm 2): a fixed affine map, y = (x − E[x])·γ/√(Var[x]+ε) + β. Subtracting E[x]
+    # first (rather than x·s + (β − s E[x])) keeps the digits of x when |E[x]| ≫ √Var[x].
+    shape, dtype = _channel_shape(input), _stat_dtype(input)
+    scale = torch.rsqrt(running_var.to(dtype) + eps)  # 1 / √(Var[x] + ε)
     if weight is not None:
-        scale = scale * weight.to(dtype)
-    shift = -running_mean.to(dtype) * scale
-    if bias is not None:
-        shift = shift + bias.to(dtype)
-    return torch.addcmul(shift.view(shape), input.to(dtype), scale.view(shape)).to(input.dtype)
+        scale = scale * weight  # γ / √(Var[x] + ε)
+    y = input.to(dtype) - running_mean.to(dtype).view(shape)  # x − E[x]
+    if bias is None:
+        y = y * scale.view(shape)  # · γ / √(Var[x] + ε)
+    else:
+        y = torch.addcmul(bias.view(shape), y, scale.view(shape))  # · γ / √(Var[x] + ε) + β
+    # torch.nn's layout (channels-last stays channels-last, other strides become contiguous).
+    return y.to(input.dtype).contiguous(memory_format=_memory_format(input))

@@ -1,0 +1,488 @@
+r"""Data-parallel experiments of chapter *Batch normalization across devices* (``chapters/distributed.ipynb``).
+
+Everything here that needs several processes spawns them itself (``world_size`` processes on this
+machine, rendezvous over 127.0.0.1) and returns a plain dict, so a notebook cell stays one call:
+
+* :func:`run_ddp` -- ``world_size`` replicas train one :class:`bnlib.models.CNN` on MNIST with
+  :class:`~torch.nn.parallel.DistributedDataParallel`, each on a small per-replica batch, with
+
+  - ``norm="local"``: bnlib's BatchNorm2d, statistics of each replica's own batch;
+  - ``norm="sync"``: the same model converted to :class:`bnlib.distributed.SyncBatchNorm`,
+    statistics of the union of all replicas' batches;
+  - ``norm="ghost"``: :class:`bnlib.variants.GhostBatchNorm2d`, statistics of sub-batches of
+    ``ghost_batch`` examples of each replica's batch;
+
+  and reports the test accuracy, the training-loss curve and, per training step, the wall-clock
+  time of the step and the time spent in SyncBatchNorm's collectives
+  (:func:`bnlib.distributed.communication_timer`; zero for the other norms). DDP's own gradient
+  all-reduce overlaps the backward pass and is not counted.
+* :func:`check_sync_equivalence` -- SyncBatchNorm on ``world_size`` slices of a batch against
+  torch.nn's BatchNorm on the whole batch: outputs, input and parameter gradients, running stats.
+
+Single-process helpers for the same chapter: :func:`torch_syncbn_cpu_error` (the message with which
+``torch.nn.SyncBatchNorm`` refuses CPU input) and :func:`gradient_accumulation_gap` (gradient
+accumulation over micro-batches versus one big batch).
+
+**Backend and device** (:func:`pick_backend`): ``nccl`` with one GPU per replica (``cuda:rank``)
+when CUDA is available with at least ``world_size`` GPUs, otherwise ``gloo`` on the CPU. Pass
+``backend="gloo"`` or ``"nccl"`` to force one. Each replica uses one CPU thread
+(``torch.set_num_threads(1)``): the replicas share the machine's cores.
+
+**Determinism**: every replica seeds the same model and reads its slice of one seeded permutation
+of the training set; with gloo on the CPU, a sum over two replicas does not depend on their order,
+so a run repeated on the same machine gives the same numbers (timings aside).
+
+**Output**: each spawned replica writes its stdout/stderr to a log file, not to the caller's
+terminal or notebook; if a replica fails, the error raised here quotes its traceback and log.
+
+From a shell (``run_ddp``'s training only)::
+
+    python -m torch.distributed.run --nproc_per_node=2 --master_addr=127.0.0.1 --master_port=29501 \
+        -m bnlib.ddp_train --norm sync --steps 300 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+__all__ = ["DEFAULTS", "pick_backend", "run_ddp", "train_replica", "check_sync_equivalence",
+           "torch_syncbn_cpu_error", "gradient_accumulation_gap", "main"]
+
+DEFAULTS = dict(norm="sync", world_size=2, batch_per_replica=4, steps=300, lr=0.05, momentum=0.9, seed=0,
+                channels=(16, 32), ghost_batch=2, test_examples=10000, log_every=25, backend=None,
+                data_root=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend and device
+# ----------------------------------------------------------------------------------------------
+
+def pick_backend(world_size: int, backend: str | None = None) -> tuple[str, str]:
+    """``(backend, device type)`` for ``world_size`` replicas on this machine.
+
+    ``("nccl", "cuda")`` when CUDA is available with at least ``world_size`` GPUs and torch has
+    NCCL, else ``("gloo", "cpu")``. ``backend`` forces ``"gloo"`` (CPU) or ``"nccl"`` (GPU).
+    """
+    if backend is None:
+        enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+        backend = "nccl" if enough_gpus and dist.is_nccl_available() else "gloo"
+    if backend == "gloo":
+        return "gloo", "cpu"
+    if backend == "nccl":
+        if not (torch.cuda.is_available() and torch.cuda.device_count() >= world_size):
+            raise RuntimeError(f"backend='nccl' needs {world_size} CUDA devices, "
+                               f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+        return "nccl", "cuda"
+    raise ValueError(f"backend must be None, 'gloo' or 'nccl', got {backend!r}")
+
+
+def _replica_device(device_type: str, rank: int) -> torch.device:
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def _build_model(cfg: dict) -> nn.Module:
+    from .distributed import SyncBatchNorm
+    from .models import CNN
+
+    norm = cfg["norm"]
+    if norm in ("local", "sync"):
+        model = CNN(channels=tuple(cfg["channels"]), norm="bn")
+        return SyncBatchNorm.convert_sync_batchnorm(model) if norm == "sync" else model
+    if norm == "ghost":
+        from .variants import GhostBatchNorm2d
+        if cfg["batch_per_replica"] % cfg["ghost_batch"]:
+            raise ValueError(f"ghost_batch={cfg['ghost_batch']} must divide "
+                             f"batch_per_replica={cfg['batch_per_replica']}")
+        return CNN(channels=tuple(cfg["channels"]),
+                   norm=lambda c: GhostBatchNorm2d(c, virtual_batch_size=cfg["ghost_batch"]))
+    raise ValueError(f"norm must be 'sync', 'local' or 'ghost', got {norm!r}")
+
+
+def train_replica(cfg: dict, device: torch.device | str = "cpu") -> dict:
+    """Train this replica inside an initialized process group; every rank returns the same summary.
+
+    ``cfg`` overrides :data:`DEFAULTS`. The global batch of step ``s`` is ``world·b`` consecutive
+    entries of one seeded permutation of the training set; replica ``rank`` takes its ``b`` of them.
+    """
+    from .data import load_mnist
+    from .distributed import communication_timer
+
+    cfg = {**DEFAULTS, **cfg}
+    device = torch.device(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg["seed"])  # same initial model everywhere (DDP broadcasts rank 0's anyway)
+    model = _build_model(cfg).to(device)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
+    (x_train, y_train), (x_test, y_test) = load_mnist(cfg["data_root"])
+    x_train, y_train = x_train.to(device), y_train.to(device, dtype=torch.long)
+
+    b = cfg["batch_per_replica"]
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg["seed"]))
+    per_epoch = len(order) // (world * b)
+    step_s, comm_s, comm_calls, losses = [], [], [], []
+    ddp.train()
+    for step in range(cfg["steps"]):
+        start = ((step % per_epoch) * world + rank) * b
+        idx = order[start:start + b].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with communication_timer() as timer:
+            loss = nn.functional.cross_entropy(ddp(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_s.append(time.perf_counter() - t0)
+        comm_s.append(timer.seconds)
+        comm_calls.append(timer.calls)
+        losses.append(loss.detach())
+
+    # Evaluation: each replica scores a shard of the test set with the running statistics (no
+    # SyncBatchNorm communication in eval mode), then one all-reduce adds up the counts.
+    model.eval()
+    n_test = min(cfg["test_examples"], len(x_test))
+    shard = torch.arange(rank, n_test, world)
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for chunk in shard.split(1000):
+            xb, yb = x_test[chunk].to(device), y_test[chunk].to(device)
+            correct[0] += (model(xb).argmax(1) == yb).sum()
+            correct[1] += len(chunk)
+    dist.all_reduce(correct)
+
+    # Loss curve: mean over windows of log_every steps, averaged over the replicas.
+    every = max(1, min(cfg["log_every"], len(losses)))
+    loss_t = torch.stack(losses).double()[: len(losses) // every * every].view(-1, every).mean(1)
+    dist.all_reduce(loss_t)
+    loss_t = (loss_t / world).cpu()
+
+    skip = min(10, len(step_s) // 2)  # warm-up steps are not representative
+    stats = torch.tensor([sum(step_s[skip:]), sum(comm_s[skip:])], dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    stats = (stats / world).cpu()
+    timed = max(len(step_s) - skip, 1)
+    return {
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k != "data_root"},
+        "world_size": world,
+        "global_batch": world * b,
+        "backend": dist.get_backend(),
+        "device": device.type,
+        "test_accuracy": float(correct[0] / correct[1]),
+        "test_examples": int(correct[1]),
+        "loss_steps": [every * (i + 1) for i in range(len(loss_t))],
+        "loss_curve": loss_t.tolist(),
+        "final_train_loss": float(loss_t[-1]) if len(loss_t) else float("nan"),
+        "step_ms": 1000 * float(stats[0]) / timed,
+        "syncbn_comm_ms": 1000 * float(stats[1]) / timed,
+        "syncbn_comm_fraction": float(stats[1] / stats[0]) if stats[0] > 0 else 0.0,
+        "syncbn_collectives_per_step": comm_calls[-1] if comm_calls else 0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# SyncBatchNorm over R slices == BatchNorm over the whole batch
+# ----------------------------------------------------------------------------------------------
+
+def _equivalence_job(cfg: dict, device: torch.device) -> dict:
+    from .distributed import SyncBatchNorm
+    from .modules import BatchNorm2d
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    b, c, (h, w) = cfg["batch_per_replica"], cfg["channels"], cfg["spatial"]
+    dtype = getattr(torch, cfg["dtype"])
+    g = torch.Generator().manual_seed(cfg["seed"])  # the same full batch on every replica
+    x = torch.randn(world * b, c, h, w, generator=g, dtype=dtype) * 2.0 + 5.0  # mean far from 0
+    dy = torch.randn(x.shape, generator=g, dtype=dtype)  # upstream gradient ∂L/∂y
+    gamma = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    beta = torch.randn(c, generator=g, dtype=dtype)
+
+    def layer(cls):
+        m = cls(c).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            m.weight.copy_(gamma)
+            m.bias.copy_(beta)
+        return m
+
+    mine = slice(rank * b, (rank + 1) * b)
+    # This replica's slice through SyncBatchNorm (statistics over every replica's slice) ...
+    sync = layer(SyncBatchNorm)
+    xs = x[mine].to(device).requires_grad_()
+    ys = sync(xs)
+    ys.backward(dy[mine].to(device))
+    # ... and through a per-replica BatchNorm (statistics of the slice alone), for contrast.
+    with torch.no_grad():
+        y_local = layer(BatchNorm2d)(x[mine].to(device))
+
+    # Put the pieces together: outputs and input gradients are concatenated, parameter gradients
+    # summed over replicas (what DDP's all-reduce does, up to its division by world_size).
+    def gather(t):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts).cpu()
+
+    y_sync, dx_sync, y_loc = gather(ys.detach()), gather(xs.grad), gather(y_local)
+    dgamma, dbeta = sync.weight.grad.clone(), sync.bias.grad.clone()
+    dist.all_reduce(dgamma)
+    dist.all_reduce(dbeta)
+
+    # Reference: torch.nn.BatchNorm2d on the whole concatenated batch, in this process.
+    ref = layer(nn.BatchNorm2d).cpu()
+    xr = x.clone().requires_grad_()
+    yr = ref(xr)
+    yr.backward(dy)
+
+    def diff(a, b_):
+        return float((a.detach().cpu() - b_.detach().cpu()).abs().max())
+
+    return {
+        "world_size": world, "batch_per_replica": b, "channels": c, "spatial": list(cfg["spatial"]),
+        "dtype": cfg["dtype"], "backend": dist.get_backend(), "device": device.type,
+        "output": diff(y_sync, yr),
+        "input_grad": diff(dx_sync, xr.grad),
+        "weight_grad": diff(dgamma, ref.weight.grad),
+        "bias_grad": diff(dbeta, ref.bias.grad),
+        "running_mean": diff(sync.running_mean, ref.running_mean),
+        "running_var": diff(sync.running_var, ref.running_var),
+        "local_bn_output": diff(y_loc, yr),  # per-replica statistics: not the same layer
+        "output_scale": float(yr.detach().abs().max()),
+        "input_grad_scale": float(xr.grad.abs().max()),
+    }
+
+
+def check_sync_equivalence(world_size: int = 2, batch_per_replica: int = 4, channels: int = 8,
+                           spatial: tuple[int, int] = (6, 6), dtype: str = "float32", seed: int = 0,
+                           backend: str | None = None, timeout_s: float = 120) -> dict:
+    """SyncBatchNorm on ``world_size`` replicas versus torch.nn.BatchNorm2d on the whole batch.
+
+    Spawns ``world_size`` processes. They share one seeded batch of ``world_size·batch_per_replica``
+    examples of shape ``(channels, *spatial)`` (mean 5, standard deviation 2), an upstream gradient
+    and γ, β; replica ``r`` runs its slice forward and backward through
+    :class:`bnlib.distributed.SyncBatchNorm`. The outputs and input gradients are concatenated and
+    the γ, β gradients summed over replicas, then compared with ``torch.nn.BatchNorm2d`` run on the
+    whole batch in one process.
+
+    Returns a dict of largest absolute differences -- ``output``, ``input_grad``, ``weight_grad``,
+    ``bias_grad``, ``running_mean``, ``running_var`` -- plus ``local_bn_output`` (the difference
+    when each replica normalizes its slice with its own statistics, for contrast), the scales
+    ``output_scale`` and ``input_grad_scale`` (largest |value| of the reference) and the setup.
+    """
+    cfg = dict(world_size=world_size, batch_per_replica=batch_per_replica, channels=channels,
+               spatial=list(spatial), dtype=dtype, seed=seed, backend=backend)
+    return _launch("equivalence", cfg, timeout_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spawning
+# ----------------------------------------------------------------------------------------------
+
+_JOBS = {"train": train_replica, "equivalence": _equivalence_job}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(rank: int, world: int, port: int, job: str, cfg: dict, outdir: str, timeout_s: float) -> None:
+    # Keep the replica's output (e.g. backend warnings) out of the caller's notebook: to a log file.
+    log = os.open(os.path.join(outdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    try:
+        torch.set_num_threads(1)
+        backend, device_type = pick_backend(world, cfg.get("backend"))
+        device = _replica_device(device_type, rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        try:
+            result = _JOBS[job](cfg, device)
+            if rank == 0:
+                Path(outdir, "result.json").write_text(json.dumps(result))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        Path(outdir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _launch(job: str, cfg: dict, timeout_s: float) -> dict:
+    """Run ``_JOBS[job](cfg, device)`` in ``cfg['world_size']`` spawned processes; rank 0's result."""
+    world = int(cfg["world_size"])
+    if world < 1:
+        raise ValueError(f"world_size must be at least 1, got {world}")
+    pick_backend(world, cfg.get("backend"))  # fail here, not in the children, on a bad backend
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(_spawn_entry, args=(world, _free_port(), job, cfg, outdir, timeout_s),
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s + 60
+        failure = None
+        try:
+            while not ctx.join(timeout=2):
+                if time.monotonic() > deadline:
+                    failure = f"replicas still running after {timeout_s + 60:.0f} s"
+                    break
+        except Exception as e:  # a replica failed; join() terminated the others
+            failure = f"{type(e).__name__}"
+        if failure is None:
+            return json.loads(Path(outdir, "result.json").read_text())
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        details = []
+        for r in range(world):
+            for kind in ("err", "log"):
+                f = Path(outdir, f"rank{r}.{kind}")
+                if f.exists() and f.read_text().strip():
+                    details.append(f"--- rank {r} {kind} ---\n{f.read_text()[-3000:]}")
+        raise RuntimeError(f"bnlib.ddp_train ({job}) failed: {failure}\n" + "\n".join(details))
+
+
+def run_ddp(config: dict | None = None, timeout_s: float = 600, **kwargs) -> dict:
+    """Spawn ``world_size`` processes on this machine, train data-parallel, return the summary.
+
+    ``config`` and keyword arguments override :data:`DEFAULTS`: ``norm`` (``"sync"``, ``"local"``
+    or ``"ghost"``), ``world_size``, ``batch_per_replica``, ``steps``, ``lr``, ``momentum``,
+    ``seed``, ``channels``, ``ghost_batch``, ``test_examples``, ``log_every``, ``backend`` (None:
+    :func:`pick_backend`), ``data_root``. Load MNIST once beforehand (``bnlib.data.load_mnist()``)
+    so that the replicas do not all download it.
+
+    Returns the configuration plus ``test_accuracy`` (running statistics, on the first
+    ``test_examples`` test images), ``loss_steps``/``loss_curve`` (training loss averaged over
+    windows of ``log_every`` steps and over replicas), ``final_train_loss``, ``step_ms``,
+    ``syncbn_comm_ms``, ``syncbn_comm_fraction``, ``syncbn_collectives_per_step`` (timings skip the
+    first 10 steps), ``backend`` and ``device``.
+    """
+    cfg = {**DEFAULTS, **(config or {}), **kwargs}
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"run_ddp: unknown option(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    return _launch("train", cfg, timeout_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-process helpers
+# ----------------------------------------------------------------------------------------------
+
+def torch_syncbn_cpu_error() -> str | None:
+    """The error ``torch.nn.SyncBatchNorm`` raises for a CPU tensor in training mode inside a process group.
+
+    Its check runs before any communication, so a one-process ``gloo`` group (created here over
+    127.0.0.1 if none is initialized, and destroyed afterwards) is enough to trigger it. Returns
+    the message, or None if this torch version accepts CPU input.
+    """
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        nn.SyncBatchNorm(3).train()(torch.randn(4, 3, device="cpu"))
+        return None
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _flat_grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def gradient_accumulation_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> dict:
+    """One big batch versus gradient accumulation over ``micro_batches`` equal micro-batches.
+
+    Works on two deep copies of ``model`` in training mode (``model`` itself is untouched): one
+    computes the cross-entropy gradient of the whole batch ``(x, y)``; the other splits the batch
+    into ``micro_batches`` consecutive chunks and accumulates the gradients of each chunk's loss
+    divided by ``micro_batches`` -- for a model without batch statistics, exactly the same gradient.
+
+    Returns ``logits_max_diff`` (largest absolute difference of the logits), ``grad_max_diff`` and
+    ``grad_rel_diff`` (‖g_acc − g_full‖ / ‖g_full‖ over all parameters).
+    """
+    n = len(x)
+    if micro_batches < 1 or n % micro_batches:
+        raise ValueError(f"micro_batches={micro_batches} must divide the batch size {n}")
+    full, acc = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    for m in (full, acc):
+        m.zero_grad(set_to_none=True)
+    logits_full = full(x)
+    nn.functional.cross_entropy(logits_full, y).backward()
+    logits_acc = []
+    for xb, yb in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+        out = acc(xb)
+        (nn.functional.cross_entropy(out, yb) / micro_batches).backward()
+        logits_acc.append(out.detach())
+    g_full, g_acc = _flat_grads(full), _flat_grads(acc)
+    return {
+        "micro_batches": micro_batches,
+        "micro_batch_size": n // micro_batches,
+        "logits_max_diff": float((torch.cat(logits_acc) - logits_full.detach()).abs().max()),
+        "grad_max_diff": float((g_acc - g_full).abs().max()),
+        "grad_rel_diff": float((g_acc - g_full).norm() / g_full.norm()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun entry point
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point under ``torch.distributed.run`` (reads RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--norm", choices=["sync", "local", "ghost"], default=DEFAULTS["norm"])
+    p.add_argument("--batch-per-replica", type=int, default=DEFAULTS["batch_per_replica"])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--ghost-batch", type=int, default=DEFAULTS["ghost_batch"])
+    p.add_argument("--test-examples", type=int, default=DEFAULTS["test_examples"])
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", default=None, help="write the summary (rank 0) to this JSON file")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend, device_type = pick_backend(world, a.backend)
+    device = _replica_device(device_type, int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=600))
+    try:
+        result = train_replica(dict(norm=a.norm, batch_per_replica=a.batch_per_replica, steps=a.steps, lr=a.lr,
+                                    seed=a.seed, ghost_batch=a.ghost_batch, test_examples=a.test_examples,
+                                    data_root=a.data_root), device)
+        if dist.get_rank() == 0:
+            text = json.dumps(result, indent=2)
+            print(text)
+            if a.out:
+                Path(a.out).write_text(text)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

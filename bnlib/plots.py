@@ -1,0 +1,328 @@
+"""The book's figure style and plotting helpers.
+
+Used by every chapter that draws a result: training curves and learning-rate
+sweeps ("Why normalize?", "The algorithm", "Batch normalization in
+convolutional networks", "Limitations and alternatives", "Batch
+normalization across devices"), the percentile bands of Figure 1 (b, c)
+("Why normalize?", "The algorithm") and activation histograms ("Restoring
+the distribution", "Batch normalization in convolutional networks").
+
+One style everywhere: :func:`apply_style` (or ``with style():``), the fixed
+colour pair :data:`BN_COLOR` / :data:`NO_BN_COLOR`, and one colour per
+normalization in :data:`NORM_COLORS` (the colour-blind-safe Okabe-Ito
+palette). Figures use 100 dpi so that the PNGs stored in the notebooks stay
+small. The helpers only draw -- they never call ``plt.show()`` -- and return
+the Axes or Figure they drew on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = [
+    "PALETTE",
+    "BN_COLOR",
+    "NO_BN_COLOR",
+    "NORM_COLORS",
+    "RC",
+    "apply_style",
+    "style",
+    "color_for",
+    "subplots",
+    "plot_curves",
+    "plot_percentiles",
+    "plot_histograms",
+    "plot_lr_sweep",
+]
+
+#: Okabe-Ito colour-blind-safe palette (black first, as in the original).
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+
+#: The fixed pair used whenever a figure compares a network with and without BN.
+BN_COLOR = "#0072B2"      # blue
+NO_BN_COLOR = "#D55E00"   # vermillion
+
+#: One colour per normalization name (the names of ``bnlib.models.make_norm``, plus 'bln' and 'ghost').
+NORM_COLORS = {
+    "bn": BN_COLOR,
+    "bn-torch": BN_COLOR,
+    "none": NO_BN_COLOR,
+    "gn": "#009E73",      # bluish green
+    "ln": "#E69F00",      # orange
+    "in": "#CC79A7",      # reddish purple
+    "brn": "#56B4E9",     # sky blue
+    "bln": "#000000",     # black
+    "ghost": "#999999",   # grey
+}
+
+#: The rcParams of the book's style.
+RC: Dict[str, Any] = {
+    "figure.dpi": 100,
+    "savefig.dpi": 100,
+    "figure.figsize": (6.0, 3.6),
+    "figure.constrained_layout.use": True,
+    "font.size": 10,
+    "axes.titlesize": 10,
+    "axes.labelsize": 10,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "lines.linewidth": 1.5,
+    "axes.prop_cycle": mpl.cycler(color=PALETTE),
+    "image.cmap": "viridis",
+}
+
+
+def apply_style() -> None:
+    """Make the book's style the default for all following figures.
+
+    Returns:
+        None.
+    """
+    mpl.rcParams.update(RC)
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """Context manager: the book's style inside the ``with`` block only.
+
+    Returns:
+        a context manager (yields None).
+    """
+    with mpl.rc_context(RC):
+        yield
+
+
+def color_for(label: Any, index: int = 0) -> str:
+    """Colour for a curve: the norm's colour if ``label`` names one (case and
+    a leading 'with '/'no ' are ignored: 'BN', 'with BN' -> BN_COLOR,
+    'no BN', 'without BN', 'baseline' -> NO_BN_COLOR), else ``PALETTE[index]``.
+
+    Returns:
+        str: a hex colour.
+    """
+    text = str(label).strip().lower()
+    if text in ("no bn", "without bn", "baseline", "no norm", "no normalization"):
+        return NO_BN_COLOR
+    if text.startswith("with "):
+        text = text[5:]
+    if text in NORM_COLORS:
+        return NORM_COLORS[text]
+    return PALETTE[index % len(PALETTE)]
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, panel: Tuple[float, float] = (3.2, 2.6), **kw):
+    """``plt.subplots`` with the book's style and a size of ``panel`` inches per panel.
+
+    Returns:
+        (Figure, Axes or array of Axes), as ``plt.subplots``.
+    """
+    with style():
+        return plt.subplots(nrows, ncols, figsize=(panel[0] * ncols, panel[1] * nrows), **kw)
+
+
+def _ax(ax):
+    """Returns ``ax``, or the Axes of a new styled figure if it is None."""
+    if ax is not None:
+        return ax
+    with style():
+        return plt.figure().add_subplot()
+
+
+_CURVE_AXES = {
+    "test_acc": ("test_step", "test accuracy"),
+    "wall_time": ("test_step", "wall time (s)"),
+    "train_loss": ("step", "training loss"),
+    "lr": ("step", "learning rate"),
+}
+
+
+def plot_curves(histories: Mapping[str, Any], metric: str = "test_acc", ax=None,
+                colors: Optional[Mapping[str, str]] = None, **line_kw):
+    """Plot one metric of several runs against training steps.
+
+    Args:
+        histories: ``{label: History}`` (or anything with the same list
+            attributes); the legend shows the labels.
+        metric: ``'test_acc'``, ``'train_loss'``, ``'lr'`` or ``'wall_time'``.
+        ax: Axes to draw on; default a new figure.
+        colors: ``{label: colour}``; default :func:`color_for` of each label.
+        **line_kw: passed to ``ax.plot``.
+
+    A diverged run ends with an ``x`` marker at its last point.
+
+    Returns:
+        matplotlib Axes.
+    """
+    if metric not in _CURVE_AXES:
+        raise ValueError(f"metric must be one of {sorted(_CURVE_AXES)}, got {metric!r}")
+    xname, ylabel = _CURVE_AXES[metric]
+    ax = _ax(ax)
+    for i, (label, h) in enumerate(histories.items()):
+        color = (colors or {}).get(label) or color_for(label, i)
+        x, y = np.asarray(getattr(h, xname)), np.asarray(getattr(h, metric), dtype=float)
+        ax.plot(x, y, color=color, label=str(label), **line_kw)
+        if getattr(h, "diverged", False) and len(x):
+            ax.plot(x[-1:], np.nan_to_num(y[-1:], nan=0.0), "x", color=color, ms=7, mew=2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    if metric in ("train_loss", "lr"):
+        ax.set_yscale("log")
+    if len(histories) > 1:
+        ax.legend()
+    return ax
+
+
+def plot_percentiles(steps, pcts=None, ax=None, label: Optional[str] = None,
+                     color: Optional[str] = None, band_alpha: float = 0.25):
+    """Plot percentiles over training as a band around a median line (Figure 1 b, c).
+
+    Args:
+        steps: ``(T,)`` steps -- or a :class:`bnlib.probes.PercentileProbe`
+            (then leave ``pcts`` None).
+        pcts: ``(T, k)`` percentiles, lowest first (e.g. 15, 50, 85); the
+            band spans the first and last column, the line is the middle one.
+        ax, label, color: as usual; ``color`` defaults to ``color_for(label)``.
+
+    Returns:
+        matplotlib Axes.
+    """
+    if pcts is None:
+        steps, pcts = steps.array()
+    steps = np.asarray(steps)
+    pcts = np.asarray(pcts, dtype=float).reshape(len(steps), -1)
+    ax = _ax(ax)
+    color = color or color_for(label if label is not None else "", 0)
+    k = pcts.shape[1]
+    if k >= 2:
+        ax.fill_between(steps, pcts[:, 0], pcts[:, -1], color=color, alpha=band_alpha, linewidth=0)
+    ax.plot(steps, pcts[:, k // 2], color=color, label=label)
+    ax.set_xlabel("training step")
+    if label is not None:
+        ax.legend()
+    return ax
+
+
+def _cell(cell) -> Tuple[np.ndarray, np.ndarray, Optional[str]]:
+    """Returns ``(counts, edges, title)`` from a histogram cell (tuple or dict)."""
+    if isinstance(cell, Mapping):
+        return np.asarray(cell["counts"], float), np.asarray(cell["edges"], float), cell.get("title")
+    counts, edges = cell[0], cell[1]
+    title = cell[2] if len(cell) > 2 else None
+    return np.asarray(counts, float), np.asarray(edges, float), title
+
+
+def _rows(grid) -> Tuple[list, list]:
+    """Returns ``(row labels, rows of cells)`` from the accepted grid layouts."""
+    items = list(grid.items()) if isinstance(grid, Mapping) else [(None, r) for r in grid]
+    labels, rows = [], []
+    for label, row in items:
+        if hasattr(row, "counts") and hasattr(row, "edges"):   # a HistogramProbe
+            row = [{"counts": c, "edges": e, "title": f"step {s}"}
+                   for s, c, e in zip(row.steps, row.counts, row.edges)]
+        labels.append(label)
+        rows.append(list(row))
+    return labels, rows
+
+
+def plot_histograms(grid, *, col_labels: Optional[Sequence[str]] = None, density: bool = True,
+                    colors: Optional[Mapping[str, str]] = None, panel: Tuple[float, float] = (2.0, 1.5),
+                    sharex: bool = True):
+    """Draw a grid of histograms (rows: e.g. layers or models; columns: e.g. steps).
+
+    Args:
+        grid: ``{row label: row}`` or a list of rows. A row is a list of cells
+            -- ``(counts, edges)``, ``(counts, edges, title)`` or a dict with
+            ``'counts'``, ``'edges'`` and optional ``'title'`` -- or a
+            :class:`bnlib.probes.HistogramProbe` (one cell per record).
+        col_labels: titles of the columns (default: the cells' titles).
+        density: normalise each histogram to unit area.
+        colors: ``{row label: colour}``; default :func:`color_for`.
+        panel: inches per panel; sharex: share x-axes.
+
+    Returns:
+        matplotlib Figure.
+    """
+    labels, rows = _rows(grid)
+    nrows, ncols = len(rows), max((len(r) for r in rows), default=0)
+    if nrows == 0 or ncols == 0:
+        raise ValueError("plot_histograms needs at least one cell")
+    with style():
+        fig, axes = plt.subplots(nrows, ncols, figsize=(panel[0] * ncols, panel[1] * nrows),
+                                 sharex=sharex, squeeze=False)
+    for r, (label, row) in enumerate(zip(labels, rows)):
+        color = (colors or {}).get(label) or color_for(label if label is not None else "", r)
+        for c in range(ncols):
+            ax = axes[r, c]
+            if c >= len(row):
+                ax.set_visible(False)
+                continue
+            counts, edges, title = _cell(row[c])
+            if density and counts.sum() > 0:
+                counts = counts / (counts.sum() * np.diff(edges))
+            ax.stairs(counts, edges, fill=True, color=color, alpha=0.8)
+            ax.set_yticks([])
+            ax.grid(False)
+            top = col_labels[c] if col_labels is not None and r == 0 else (title if col_labels is None else None)
+            if top:
+                ax.set_title(top)
+            if c == 0 and label is not None:
+                ax.set_ylabel(str(label))
+    return fig
+
+
+def _value(v: Any, metric: str) -> Tuple[float, bool]:
+    """Returns ``(value, diverged)`` for a History (its ``metric``) or a plain number."""
+    if hasattr(v, "test_acc"):
+        x = getattr(v, metric)
+        return (float("nan") if x is None else float(x)), bool(getattr(v, "diverged", False))
+    return float(v), not math.isfinite(float(v))
+
+
+def plot_lr_sweep(results, ax=None, metric: str = "final_acc", label: Optional[str] = None,
+                  colors: Optional[Mapping[str, str]] = None):
+    """Plot a learning-rate sweep: final accuracy (or any number) against lr, log x-axis.
+
+    Args:
+        results: ``{lr: History or number}`` for one curve, or
+            ``{label: {lr: History or number}}`` for several.
+        metric: attribute read from each History (``'final_acc'``, ``'best_acc'``).
+        ax, label, colors: as usual.
+
+    Diverged runs are drawn as ``x`` markers at the bottom of the axes.
+
+    Returns:
+        matplotlib Axes.
+    """
+    ax = _ax(ax)
+    first = next(iter(results.values()), None) if isinstance(results, Mapping) else None
+    if isinstance(first, Mapping):
+        series = dict(results)
+    else:
+        series = {label: dict(results) if isinstance(results, Mapping) else dict(results)}
+    for i, (name, sweep) in enumerate(series.items()):
+        color = (colors or {}).get(name) or color_for(name if name is not None else "", i)
+        lrs = sorted(sweep)
+        vals, bad = zip(*(_value(sweep[lr], metric) for lr in lrs)) if lrs else ((), ())
+        lrs, vals, bad = np.asarray(lrs, float), np.asarray(vals, float), np.asarray(bad, bool)
+        ok = ~bad
+        ax.plot(lrs[ok], vals[ok], "o-", color=color, label=None if name is None else str(name), ms=4)
+        if bad.any():
+            ax.plot(lrs[bad], np.zeros(bad.sum()), "x", color=color, ms=7, mew=2,
+                    transform=ax.get_xaxis_transform(), clip_on=False)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(metric.replace("_", " "))
+    if any(n is not None for n in series):
+        ax.legend()
+    return ax

@@ -1,0 +1,147 @@
+"""Tests of bnlib.models: every model with every normalization, and the layer details."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bnlib import modules
+from bnlib.models import CNN, GN_GROUPS, MLP, NORM_NAMES, ResNet, make_norm
+
+NAMES_1D = [None, "none", "bn", "bn-torch", "ln", "gn", "brn", "bln"]
+NAMES_2D = NAMES_1D + ["in"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run far faster on one thread, above all on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def check_forward_backward(model, x, num_classes=10):
+    model.train()
+    out = model(x)
+    assert out.shape == (x.shape[0], num_classes)
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x[:1])).all()
+
+
+def ghost1d(c):
+    from bnlib.variants import GhostBatchNorm1d
+    return GhostBatchNorm1d(c, virtual_batch_size=3)
+
+
+def ghost2d(c):
+    from bnlib.variants import GhostBatchNorm2d
+    return GhostBatchNorm2d(c, virtual_batch_size=2)
+
+
+@pytest.mark.parametrize("norm", NAMES_1D + [ghost1d])
+def test_mlp_every_norm(norm):
+    torch.manual_seed(0)
+    check_forward_backward(MLP(widths=(12, 12), norm=norm), torch.rand(6, 1, 28, 28))
+
+
+@pytest.mark.parametrize("norm", NAMES_2D + [ghost2d])
+def test_cnn_every_norm(norm):
+    torch.manual_seed(0)
+    model = CNN(channels=(4, 8), norm=norm, depth_per_stage=2)
+    check_forward_backward(model, torch.rand(4, 1, 12, 12))
+
+
+@pytest.mark.parametrize("norm", NAMES_2D)
+def test_resnet_every_norm(norm):
+    torch.manual_seed(0)
+    model = ResNet(in_channels=3, num_classes=5, width=4, blocks_per_stage=1, norm=norm)
+    check_forward_backward(model, torch.rand(4, 3, 16, 16), num_classes=5)
+
+
+def test_make_norm_builds_bnlib_layers():
+    assert type(make_norm("bn", 6, "1d")) is modules.BatchNorm1d
+    assert type(make_norm("bn", 6, "2d")) is modules.BatchNorm2d
+    assert type(make_norm("BN-torch", 6, "2d")) is nn.BatchNorm2d
+    assert isinstance(make_norm(None, 6, "2d"), nn.Identity)
+    from bnlib import variants
+    assert isinstance(make_norm("ln", 6, "1d"), variants.LayerNorm)
+    ln2d = make_norm("ln", 6, "2d")
+    assert isinstance(ln2d, variants.GroupNorm) and ln2d.num_groups == 1
+    for c in (4, 6, 12, 32, 100):
+        gn = make_norm("gn", c, "2d")
+        assert gn.num_groups <= GN_GROUPS and c % gn.num_groups == 0
+    assert isinstance(make_norm("in", 6, "2d"), variants.InstanceNorm2d)
+    assert isinstance(make_norm("brn", 6, "1d"), variants.BatchRenorm1d)
+    assert isinstance(make_norm("brn", 6, "2d"), variants.BatchRenorm2d)
+    assert isinstance(make_norm("bln", 6, "2d"), variants.BatchLayerNorm)
+    assert isinstance(make_norm(ghost2d, 6, "2d"), variants.GhostBatchNorm2d)
+
+
+def test_unknown_norm_and_misuse():
+    with pytest.raises(ValueError) as err:
+        make_norm("batchnorm", 8, "1d")
+    assert all(repr(name) in str(err.value) for name in NORM_NAMES)
+    with pytest.raises(ValueError):
+        MLP(norm="in")                      # instance norm needs conv maps
+    with pytest.raises(ValueError):
+        make_norm("bn", 8, "3d")
+
+
+def test_mlp_structure_and_init():
+    torch.manual_seed(0)
+    m = MLP(norm="bn", init_std=0.1)
+    assert len(m.hidden) == 3
+    for layer in m.hidden:
+        assert isinstance(layer.linear, nn.Linear) and isinstance(layer.act, nn.Sigmoid)
+        assert isinstance(layer.norm, modules.BatchNorm1d)
+        assert layer.linear.bias is not None and (layer.linear.bias == 0).all()
+    assert abs(m.hidden[0].linear.weight.std().item() - 0.1) < 0.005
+    assert all(layer.linear.bias is None for layer in MLP(norm="bn", bias=None).hidden)
+    assert all(layer.linear.bias is not None for layer in MLP(norm=None, bias=None).hidden)
+    assert all(layer.linear.bias is None for layer in MLP(bias=False).hidden)
+    # The activation's input is the norm's output.
+    x = torch.rand(5, 784)
+    layer = m.hidden[0]
+    assert torch.allclose(layer(x), torch.sigmoid(layer.norm(layer.linear(x))))
+
+
+def test_conv_bias_dropped_only_right_before_a_norm():
+    def biases(model):
+        return {m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert biases(CNN(norm="bn")) == {False}
+    assert biases(CNN(norm=None)) == {True}
+    assert biases(CNN(norm="bn", bn_position="after")) == {True}
+    assert biases(CNN(norm="bn", conv_bias=True)) == {True}
+    assert biases(CNN(norm=None, conv_bias=False)) == {False}
+    assert biases(ResNet(norm="bn", width=4)) == {False}
+    assert biases(ResNet(norm=None, width=4)) == {True}
+
+
+@pytest.mark.parametrize("position,expected", [("before", ["conv", "norm", "act"]),
+                                                ("after", ["conv", "act", "norm"])])
+def test_cnn_bn_position_order(position, expected):
+    model = CNN(channels=(4,), norm="bn", bn_position=position)
+    block = model.blocks[0]
+    order = []
+    for name in ("conv", "norm", "act"):
+        getattr(block, name).register_forward_hook(lambda *_, n=name: order.append(n))
+    model(torch.rand(2, 1, 8, 8))
+    assert order == expected
+
+
+def test_cnn_depth():
+    model = CNN(channels=(4, 8, 8, 16), depth_per_stage=2)
+    assert len(model.blocks) == 8
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_models_on_cuda():
+    for model, x in ((MLP(norm="bn"), torch.rand(4, 1, 28, 28)),
+                     (CNN(norm="bn"), torch.rand(4, 1, 28, 28)),
+                     (ResNet(norm="gn", width=8), torch.rand(4, 1, 28, 28))):
+        check_forward_backward(model.cuda(), x.cuda())
