@@ -43,7 +43,7 @@ book: $(STAMP) data
 
 test: $(STAMP) data
 	@echo "==> [1/5] bnlib unit tests"
-	@SECONDS=0; $(PYTHON) -m pytest -q tests; \
+	@SECONDS=0; $(NB_ENV) $(PYTHON) -m pytest -q tests; \
 	  echo "==> [1/5] unit tests passed in $${SECONDS}s"
 	@echo "==> [2/5] re-executing chapters with nbval"
 	@SECONDS=0; \
@@ -64,10 +64,10 @@ test: $(STAMP) data
 # a fresh venv outside the repository. Needs a built book (`make book`).
 test-book: $(STAMP) data browser
 	@echo "==> [4/5] browser test of the rendered pages"
-	@SECONDS=0; BOOK_CHROMIUM=$(CHROMIUM) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_browser.py; \
+	@SECONDS=0; BOOK_CHROMIUM=$(CHROMIUM) $(NB_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_browser.py; \
 	  echo "==> [4/5] browser test passed in $${SECONDS}s (screenshots in _build/screenshots)"
 	@echo "==> [5/5] Colab-style run of a chapter from a fresh venv"
-	@SECONDS=0; $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_colab_style.py; \
+	@SECONDS=0; $(NB_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_colab_style.py; \
 	  echo "==> [5/5] Colab-style test passed in $${SECONDS}s"
 
 # Headless Chromium for the browser test: Debian's package (CI runs as root

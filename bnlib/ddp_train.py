@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-__all__ = ["DEFAULTS", "pick_backend", "run_ddp", "train_replica", "check_sync_equivalence",
+__all__ = ["DEFAULTS", "pick_backend", "run_ddp", "compare_norms", "train_replica", "check_sync_equivalence",
            "torch_syncbn_cpu_error", "gradient_accumulation_gap", "main"]
 
 DEFAULTS = dict(norm="sync", world_size=2, batch_per_replica=4, steps=300, lr=0.05, momentum=0.9, seed=0,
@@ -299,7 +299,13 @@ def check_sync_equivalence(world_size: int = 2, batch_per_replica: int = 4, chan
 # Spawning
 # ----------------------------------------------------------------------------------------------
 
-_JOBS = {"train": train_replica, "equivalence": _equivalence_job}
+def _train_many(cfg: dict, device: torch.device) -> list:
+    """Train one model per entry of ``cfg['runs']`` (overrides of ``cfg``), one after the other."""
+    common = {k: v for k, v in cfg.items() if k != "runs"}
+    return [train_replica({**common, **run}, device) for run in cfg["runs"]]
+
+
+_JOBS = {"train": train_replica, "train_many": _train_many, "equivalence": _equivalence_job}
 
 
 def _free_port() -> int:
@@ -385,6 +391,20 @@ def run_ddp(config: dict | None = None, timeout_s: float = 600, **kwargs) -> dic
     return _launch("train", cfg, timeout_s)
 
 
+def compare_norms(norms=("local", "sync"), timeout_s: float = 900, **kwargs) -> dict:
+    """:func:`run_ddp` once per norm in ``norms``, all in ONE spawned job (start-up paid once).
+
+    Keyword arguments are :func:`run_ddp`'s (the same for every norm). Returns
+    ``{norm: summary}``; each summary is exactly what :func:`run_ddp` would return.
+    """
+    cfg = {**DEFAULTS, **kwargs}
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"compare_norms: unknown option(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    results = _launch("train_many", {**cfg, "runs": [{"norm": n} for n in norms]}, timeout_s)
+    return dict(zip(norms, results))
+
+
 # ----------------------------------------------------------------------------------------------
 # Single-process helpers
 # ----------------------------------------------------------------------------------------------
@@ -413,13 +433,16 @@ def _flat_grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def gradient_accumulation_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> dict:
+def gradient_accumulation_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int,
+                              dtype: torch.dtype | None = torch.float64) -> dict:
     """One big batch versus gradient accumulation over ``micro_batches`` equal micro-batches.
 
     Works on two deep copies of ``model`` in training mode (``model`` itself is untouched): one
     computes the cross-entropy gradient of the whole batch ``(x, y)``; the other splits the batch
     into ``micro_batches`` consecutive chunks and accumulates the gradients of each chunk's loss
-    divided by ``micro_batches`` -- for a model without batch statistics, exactly the same gradient.
+    divided by ``micro_batches`` -- for a model without batch statistics, the same gradient up to
+    rounding. The copies and ``x`` are cast to ``dtype`` (default float64, so that rounding, e.g.
+    TF32 convolutions on GPUs, does not blur the comparison; None keeps the model's dtype).
 
     Returns ``logits_max_diff`` (largest absolute difference of the logits), ``grad_max_diff`` and
     ``grad_rel_diff`` (‖g_acc − g_full‖ / ‖g_full‖ over all parameters).
@@ -428,6 +451,8 @@ def gradient_accumulation_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     if micro_batches < 1 or n % micro_batches:
         raise ValueError(f"micro_batches={micro_batches} must divide the batch size {n}")
     full, acc = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    if dtype is not None:
+        full, acc, x = full.to(dtype), acc.to(dtype), x.to(dtype)
     for m in (full, acc):
         m.zero_grad(set_to_none=True)
     logits_full = full(x)

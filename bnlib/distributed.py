@@ -87,16 +87,25 @@ __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "communication_timer"]
 # Optional timing of the collectives (for the chapter's cost measurements)
 # ----------------------------------------------------------------------------------------------
 
-class _CommTimer:
-    """Accumulates wall-clock seconds spent in SyncBatchNorm's collectives while enabled."""
+class CommTime:
+    """Seconds and number of calls spent in SyncBatchNorm's collectives (see :func:`communication_timer`)."""
 
     def __init__(self) -> None:
-        self.enabled = False
         self.seconds = 0.0
         self.calls = 0
 
+    def __repr__(self) -> str:
+        return f"CommTime(seconds={self.seconds:.6f}, calls={self.calls})"
+
+
+class _CommTimer:
+    """Runs a collective, adding its wall-clock time to every active :class:`CommTime`."""
+
+    def __init__(self) -> None:
+        self.active: list[CommTime] = []
+
     def run(self, fn, tensor: Tensor):
-        if not self.enabled:
+        if not self.active:
             return fn()
         cuda = tensor.is_cuda
         if cuda:  # NCCL collectives are asynchronous with respect to the host
@@ -105,8 +114,10 @@ class _CommTimer:
         out = fn()
         if cuda:
             torch.cuda.synchronize(tensor.device)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
+        elapsed = time.perf_counter() - t0
+        for t in self.active:  # nested timers each see every collective inside them
+            t.seconds += elapsed
+            t.calls += 1
         return out
 
 
@@ -117,8 +128,8 @@ _TIMER = _CommTimer()
 def communication_timer():
     """Measure the time spent in SyncBatchNorm's collectives inside the ``with`` block.
 
-    Yields an object whose ``seconds`` and ``calls`` grow as SyncBatchNorm layers run their
-    ``all_gather`` (forward) and ``all_reduce`` (backward)::
+    Yields a :class:`CommTime` whose ``seconds`` and ``calls`` grow as SyncBatchNorm layers run
+    their ``all_gather`` (forward) and ``all_reduce`` (backward); timers may be nested::
 
         with communication_timer() as t:
             loss = model(x).sum(); loss.backward()
@@ -126,12 +137,12 @@ def communication_timer():
 
     On CUDA the device is synchronized around each collective while timing (slower, but honest).
     """
-    previous = (_TIMER.enabled, _TIMER.seconds, _TIMER.calls)
-    _TIMER.enabled, _TIMER.seconds, _TIMER.calls = True, 0.0, 0
+    timer = CommTime()
+    _TIMER.active.append(timer)
     try:
-        yield _TIMER
+        yield timer
     finally:
-        _TIMER.enabled = previous[0]
+        _TIMER.active.remove(timer)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -395,3 +395,18 @@ def test_torch_syncbatchnorm_refuses_cpu_but_ours_runs(ranks):
     """The reason this module exists (if torch ever lifts the restriction, the chapter must change)."""
     for r in range(WORLD):
         assert ranks[r]["torch_sync_error"] is not None and "GPU" in ranks[r]["torch_sync_error"]
+
+
+def test_communication_timers_nest():
+    """An outer timer keeps counting through an inner one; each sees the collectives inside it."""
+    from bnlib.distributed import _TIMER, communication_timer
+
+    with communication_timer() as outer:
+        _TIMER.run(lambda: None, torch.zeros(1))
+        with communication_timer() as inner:
+            _TIMER.run(lambda: None, torch.zeros(1))
+        _TIMER.run(lambda: None, torch.zeros(1))
+    _TIMER.run(lambda: None, torch.zeros(1))  # no timer active: not counted
+    assert (outer.calls, inner.calls) == (3, 1)
+    assert outer.seconds >= inner.seconds >= 0.0
+    assert not _TIMER.active

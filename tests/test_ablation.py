@@ -1,0 +1,116 @@
+"""Tests of bnlib.ablation (helpers of the chapter "Restoring the distribution")."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bnlib
+from bnlib.ablation import (BN_VARIANTS, StepSizeRecorder, bn_factory, bn_modules, bn_parameters,
+                            count_parameters, train_only)
+from bnlib.models import CNN, MLP
+from bnlib.train import fit, seed_everything
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("kind,cls", [("1d", bnlib.BatchNorm1d), ("2d", bnlib.BatchNorm2d)])
+def test_bn_factory_variants(kind, cls):
+    full, g1, b0, none = (bn_factory(v, kind)(5) for v in ("full", "gamma=1", "beta=0", "none"))
+    for layer in (full, g1, b0, none):
+        assert isinstance(layer, cls) and layer.num_features == 5
+    assert full.weight.requires_grad and full.bias.requires_grad
+    assert not g1.weight.requires_grad and g1.bias.requires_grad
+    assert torch.equal(g1.weight, torch.ones(5))
+    assert b0.weight.requires_grad and b0.bias is None
+    assert none.weight is None and none.bias is None and not none.affine
+    assert set(BN_VARIANTS) == {"full", "gamma=1", "beta=0", "none"}
+
+
+def test_bn_factory_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown variant"):
+        bn_factory("gamma=2")
+    with pytest.raises(ValueError, match="kind"):
+        bn_factory("full", "3d")
+
+
+def test_bn_factory_passes_kwargs_and_works_in_models():
+    layer = bn_factory("full", eps=1e-3, momentum=0.2)(4)
+    assert layer.eps == 1e-3 and layer.momentum == 0.2
+    seed_everything(0)
+    mlp = MLP(norm=bn_factory("beta=0"))
+    assert len(bn_modules(mlp)) == 3 and all(m.bias is None for m in bn_modules(mlp))
+    cnn = CNN(channels=(4, 8), norm=bn_factory("gamma=1", "2d"))
+    assert len(bn_modules(cnn)) == 2
+    assert cnn(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_bn_modules_finds_torch_and_bnlib_layers():
+    model = nn.Sequential(nn.Linear(3, 4), bnlib.BatchNorm1d(4), nn.BatchNorm1d(4), nn.LayerNorm(4))
+    assert [type(m) for m in bn_modules(model)] == [bnlib.BatchNorm1d, nn.BatchNorm1d]
+    assert len(bn_parameters(model)) == 4
+
+
+def test_train_only_bn_head_and_counts():
+    seed_everything(0)
+    cnn = CNN(channels=(4, 8), norm="bn")
+    total = count_parameters(cnn)
+    assert total == count_parameters(cnn, trainable=False)
+    n_bn = 2 * (4 + 8)
+    n_head = 8 * 10 + 10
+    assert train_only(cnn, bn=True) == n_bn
+    assert all(not b.conv.weight.requires_grad for b in cnn.blocks)
+    assert train_only(cnn, cnn.head, bn=True) == n_bn + n_head
+    assert train_only(cnn, cnn.head) == n_head
+    assert all(not p.requires_grad for p in bn_parameters(cnn))
+    assert count_parameters(cnn, trainable=False) == total
+
+
+def test_fit_leaves_frozen_parameters_untouched():
+    seed_everything(0)
+    cnn = CNN(channels=(4, 8), norm="bn")
+    train_only(cnn, bn=True)
+    conv0 = cnn.blocks[0].conv.weight.detach().clone()
+    head0 = cnn.head.weight.detach().clone()
+    gamma0 = cnn.blocks[0].norm.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    fit(cnn, ((x, y), (x, y)), steps=5, batch_size=16, lr=0.1, device="cpu")
+    assert torch.equal(cnn.blocks[0].conv.weight, conv0) and torch.equal(cnn.head.weight, head0)
+    assert not torch.equal(cnn.blocks[0].norm.weight, gamma0)
+
+
+def test_step_size_recorder_measures_relative_steps():
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))        # norm 5
+    rec = StepSizeRecorder({"w": w})
+    rec(0)
+    with torch.no_grad():
+        w.add_(torch.tensor([0.5, 0.0]))
+    rec(1)
+    with torch.no_grad():
+        w.mul_(2.0)
+    rec(2)
+    steps, norms, rel = rec.array()
+    assert steps.tolist() == [1, 2]
+    assert rel["w"][0] == pytest.approx(0.5 / 5.0)
+    assert rel["w"][1] == pytest.approx(1.0)           # doubling: the change equals the old norm
+    assert norms["w"][1] == pytest.approx(2 * float(torch.tensor([3.5, 4.0]).norm()))
+
+
+def test_step_size_recorder_every_and_with_fit():
+    seed_everything(0)
+    mlp = MLP(in_features=4, widths=(6,), norm="bn", bias=None)
+    rec = StepSizeRecorder({"W": mlp.hidden[0].linear.weight}, every=2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 10, (40,), generator=g)
+    fit(mlp, ((x, y), (x, y)), steps=6, batch_size=8, lr=0.1, callback=rec, callback_every=1, device="cpu")
+    steps, norms, rel = rec.array()
+    assert steps.tolist() == [2, 4, 6]
+    assert (rel["W"] > 0).all() and (norms["W"] > 0).all()
+    with pytest.raises(ValueError):
+        StepSizeRecorder({})
