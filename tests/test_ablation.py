@@ -11,12 +11,6 @@ from bnlib.models import CNN, MLP
 from bnlib.train import fit, seed_everything
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("kind,cls", [("1d", bnlib.BatchNorm1d), ("2d", bnlib.BatchNorm2d)])

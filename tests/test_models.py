@@ -11,13 +11,6 @@ NAMES_1D = [None, "none", "bn", "bn-torch", "ln", "gn", "brn", "bln"]
 NAMES_2D = NAMES_1D + ["in"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run far faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def check_forward_backward(model, x, num_classes=10):

@@ -12,13 +12,6 @@ from bnlib.probes import (GradNormProbe, HistogramProbe, PercentileProbe, Satura
 from bnlib.train import fit, seed_everything
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fixed_linear():

@@ -9,13 +9,6 @@ import torch.nn as nn
 from bnlib.train import History, class_subset_sampler, device, evaluate, fit, seed_everything
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def blobs(n=400, n_test=200, dim=8, seed=0):
