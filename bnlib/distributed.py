@@ -78,6 +78,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import functional as F
+from .functional import _channel_shape, _reduce_dims, _stat_dtype
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "communication_timer"]
@@ -149,24 +150,6 @@ def communication_timer():
 # The autograd function
 # ----------------------------------------------------------------------------------------------
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    """Every dimension but the channel dimension 1."""
-    return [0] + list(range(2, x.dim()))
-
-
-def _channel_shape(x: Tensor) -> list[int]:
-    """Shape ``(1, C, 1, ...)`` that broadcasts a per-channel vector against ``x``."""
-    return [1, x.shape[1]] + [1] * (x.dim() - 2)
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    """float32 statistics for float16/bfloat16 input (as cuDNN and bnlib.functional), else x's dtype."""
-    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-
-
 def _exchange_dtype(x: Tensor) -> torch.dtype:
     # float64 for the (n, μ, M2) table wherever the backend has it; MPS has no float64.
     return torch.float32 if x.device.type == "mps" else torch.float64
@@ -220,7 +203,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, process_group,
                 world_size: int):
         shape = _channel_shape(x)
-        sd = _stats_dtype(x)
+        sd = _stat_dtype(x)
         xs = x.to(sd)
         mean, var, n = global_batch_stats(xs, process_group, world_size)
         mean, var = mean.to(sd), var.to(sd)
@@ -242,7 +225,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x, weight, mean, rstd, n = ctx.saved_tensors
         dims, shape = _reduce_dims(x), _channel_shape(x)
         C = x.shape[1]
-        xs = x.to(_stats_dtype(x))
+        xs = x.to(_stat_dtype(x))
         g = dy.to(xs.dtype)
         xhat = (xs - mean) * rstd  # x̂ with the global statistics
         sum_g = g.sum(dims)  # local Σ g      = this replica's ∂L/∂β

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .functional import _LOW_PRECISION, _channel_shape, _reduce_dims
 from .modules import _BatchNorm, _NormBase
 
 __all__ = [
@@ -47,19 +48,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _reduce_dims(x: Tensor) -> list:
-    """Every dimension but the channel dimension 1 (BN's reduction axes)."""
-    return [0] + list(range(2, x.dim()))
-
-
-def _channel_shape(x: Tensor) -> list:
-    """Shape ``(1, C, 1, ...)`` that broadcasts a per-channel vector against ``x``."""
-    return [1, x.shape[1]] + [1] * (x.dim() - 2)
-
 
 def _check_tensor(module: nn.Module, input) -> None:
     if not isinstance(input, Tensor):
