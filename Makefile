@@ -6,6 +6,9 @@
 #   make test-book  only the book-level tests (tests_book/) on the current build
 #   make execute  re-run every chapter in place to refresh its stored outputs
 #   make bench    run the bnlib benchmarks
+#   make device-data  MNIST gzipped into ./data, to carry to a machine without network
+#   make device-run   every chapter as plain Python + the benchmarks -> results/device
+#                     (tools/device_run.sh; README, "Running on a GPU")
 #   make clean    remove _build
 # Everything runs inside .venv, which is created on first use.
 
@@ -25,7 +28,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
 
-.PHONY: venv data book test test-book browser execute bench clean
+.PHONY: venv data book test test-book browser execute bench device-data device-run clean
 
 venv: $(STAMP)
 
@@ -89,6 +92,19 @@ execute: $(STAMP) data
 
 bench: $(STAMP)
 	$(PYTHON) -m bnlib.bench
+
+# The four MNIST files, gzipped (11 MB), in ./data (git-ignored): what a machine with no network
+# needs besides the repository (BNLIB_DATA=./data). Checked again when loaded.
+device-data: $(STAMP) data
+	@mkdir -p data; root=$$($(PYTHON) -c 'from bnlib.data import default_root; print(default_root())'); \
+	for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
+	  if [ -f "$$root/$$f" ]; then gzip -9nc "$$root/$$f" > data/$$f.gz; else cp "$$root/$$f.gz" data/; fi; done; \
+	BNLIB_DATA=data $(PYTHON) -m bnlib.data
+
+# Dress rehearsal of the GPU run on this machine (JOBS chapters at once; default 2 here).
+device-run: $(STAMP) device-data
+	$(NB_ENV) JOBS=$${JOBS:-2} BUDGET=$${BUDGET:-3600} OUT=$${OUT:-results/device} PYTHON=$(abspath $(PYTHON)) \
+	  bash tools/device_run.sh 900
 
 clean:
 	rm -rf _build

@@ -15,7 +15,8 @@ Organised by concept (each module's docstring names the chapter that explains it
 * ``probes``       activation and gradient recorders
 * ``landscape``    loss-landscape smoothness measurements
 * ``plots``        the book's figure style (imported on demand: ``from bnlib import plots``)
-* ``timing``, ``bench`` measurement helpers and ``python -m bnlib.bench``
+* ``timing``, ``bench`` measurement helpers, ``python -m bnlib.bench`` and the measured records
+  in ``results/`` (plotted by the appendix *Running on a GPU*)
 """
 
 __version__ = "0.1.0"

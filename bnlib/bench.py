@@ -18,25 +18,46 @@ table reports median times and the median over repetitions of the per-repetition
 ``main()`` runs a list of sections (:data:`SECTIONS`), each a function ``(args) -> None`` that
 prints its own table; a new benchmark is a new function appended to that list.
 
+Further sections: the memory bandwidth that BN achieves (BN moves little data per arithmetic
+operation, so its speed is a share of the device's bandwidth, measured here with a plain copy and,
+for known GPUs, also given against the datasheet), and the inference speed-up of folding BN into the
+preceding convolution (chapter *Convolutional networks*).
+
+``--json PATH`` also writes every section's rows and a description of the machine (device name,
+torch, CUDA and cuDNN versions, threads, date) to a JSON file; the appendix *Measured performance*
+(``chapters/performance.ipynb``) plots such files from ``results/``.
+
 Command line::
 
-    python -m bnlib.bench [--repeat 30] [--device cpu]
+    python -m bnlib.bench [--repeat 30] [--device cpu] [--dtype float32] [--shapes 256x1024,...]
+                          [--sections batchnorm,bandwidth,fold,training,figure1] [--json results.json]
+
+The ``figure1`` section (Ioffe & Szegedy's Figure 1 at full scale, 50,000 steps twice, with its wall
+time) runs only when asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
+import json
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .modules import BatchNorm1d, BatchNorm2d
-from .timing import compare
+from .timing import compare, time_fn
 
-__all__ = ["DEFAULT_SHAPES", "naive_batch_norm", "bench_batchnorm", "format_batchnorm_table", "SECTIONS", "main"]
+__all__ = ["DEFAULT_SHAPES", "naive_batch_norm", "bench_batchnorm", "format_batchnorm_table", "environment",
+           "copy_bandwidth", "nominal_bandwidth", "bench_bandwidth", "bench_fold", "bench_training", "bench_figure1",
+           "SECTIONS", "DEFAULT_SECTIONS", "RESULTS", "load_records", "main"]
 
 # (N, C) is BatchNorm1d, (N, C, H, W) BatchNorm2d: a ResNet-like early layer, an MLP's hidden layer,
 # a ResNet-like late layer.
@@ -139,13 +160,208 @@ def format_batchnorm_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def batchnorm_section(args: argparse.Namespace) -> None:
+def batchnorm_section(args: argparse.Namespace) -> List[dict]:
     """Section: BatchNorm forward+backward, bnlib and a naive version against torch.nn."""
-    rows = bench_batchnorm(repeat=args.repeat, device=args.device)
+    rows = bench_batchnorm(args.shapes, repeat=args.repeat, device=args.device, dtype=args.dtype)
     print(f"BatchNorm, training mode, forward + backward: {rows[0]['dtype']} on {rows[0]['device']}, "
           f"{rows[0]['threads']} threads, median of {args.repeat} interleaved repetitions; "
           "ratio = time / torch.nn's time")
     print(format_batchnorm_table(rows))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+# Datasheet peak memory bandwidth of GPUs a reader is likely to run the book on (GB/s = 1e9 B/s),
+# matched against torch.cuda.get_device_name() in order (first match wins). Sources: NVIDIA's
+# product datasheets for each card.
+NOMINAL_BANDWIDTH_GBS: Tuple[Tuple[str, float], ...] = (
+    ("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
+    ("A100-PCIE-80GB", 1935.0), ("A100", 1555.0), ("V100", 900.0), ("A10G", 600.0), ("L4", 300.0),
+    ("T4", 320.0), ("RTX 4090", 1008.0), ("RTX 3090", 936.0),
+)
+
+
+def _cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), else :func:`platform.processor`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str | torch.device = "cpu") -> dict:
+    """What a measurement was taken on: device name, versions, threads and the date (UTC).
+
+    Returns:
+        A dict with ``device`` (``"cuda:0"``...), ``device_type``, ``device_name`` (the GPU's name, or
+        the CPU's model), ``torch``, ``cuda`` and ``cudnn`` (versions; None on a CPU-only torch),
+        ``python``, ``platform``, ``cpu_count``, ``threads`` (torch's intra-op threads), and ``date``
+        (ISO 8601, UTC).
+    """
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    if on_cuda:
+        props = torch.cuda.get_device_properties(dev)
+        name = props.name
+        extra = {"gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                 "multiprocessors": props.multi_processor_count,
+                 "capability": f"{props.major}.{props.minor}"}
+    else:
+        name, extra = _cpu_name(), {}
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"device": str(dev), "device_type": dev.type, "device_name": name, **extra,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
+
+
+def nominal_bandwidth(device_name: str) -> Optional[float]:
+    """The datasheet memory bandwidth (GB/s) of a GPU named ``device_name``, or None if unknown."""
+    for key, gbs in NOMINAL_BANDWIDTH_GBS:
+        if key.lower() in device_name.lower():
+            return gbs
+    return None
+
+
+def copy_bandwidth(device: str | torch.device = "cpu", mib: Optional[int] = None, repeat: int = 20) -> float:
+    """Achievable memory bandwidth (GB/s): a plain ``dst.copy_(src)`` of ``mib`` MiB (default 64 on a CPU,
+    1024 on a GPU, well beyond the caches), counting the bytes read plus the bytes written."""
+    dev = torch.device(device)
+    if mib is None:
+        mib = 1024 if dev.type == "cuda" else 64
+    n = mib * 2**20 // 4
+    src = torch.ones(n, device=dev)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), repeat=repeat, warmup=3, device=dev)
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device = "cpu") -> List[dict]:
+    """Memory bandwidth achieved by the forward+backward passes timed by :func:`bench_batchnorm`.
+
+    A training-mode forward and backward pass must at least read ``x`` and write ``y`` (forward), then
+    read ``x`` and ``∂L/∂y`` and write ``∂L/∂x`` (backward): five tensors of the input's size. Any
+    extra pass over memory shows up as a lower figure. The ``of_copy`` columns divide by
+    :func:`copy_bandwidth` (what this device reaches in practice), ``of_nominal`` by the datasheet
+    figure of :func:`nominal_bandwidth` (None when the device is not listed).
+
+    Returns:
+        One dict per row: ``shape``, ``layer``, ``bytes`` (the minimum traffic), ``torch_gbs``,
+        ``bnlib_gbs``, ``copy_gbs``, ``nominal_gbs``, ``torch_of_copy``, ``bnlib_of_copy``,
+        ``torch_of_nominal``, ``bnlib_of_nominal``.
+    """
+    dev = torch.device(device)
+    copy_gbs = copy_bandwidth(dev)
+    nominal = nominal_bandwidth(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+    out = []
+    for r in batchnorm_rows:
+        itemsize = torch.empty((), dtype=getattr(torch, r["dtype"])).element_size()
+        numel = 1
+        for n in r["shape"]:
+            numel *= n
+        nbytes = 5 * numel * itemsize
+        row = {"shape": tuple(r["shape"]), "layer": r["layer"], "bytes": nbytes, "copy_gbs": copy_gbs,
+               "nominal_gbs": nominal}
+        for name in ("torch", "bnlib"):
+            gbs = nbytes / (r[f"{name}_ms"] * 1e-3) / 1e9
+            row[f"{name}_gbs"] = gbs
+            row[f"{name}_of_copy"] = gbs / copy_gbs
+            row[f"{name}_of_nominal"] = None if nominal is None else gbs / nominal
+        out.append(row)
+    return out
+
+
+def bandwidth_section(args: argparse.Namespace) -> List[dict]:
+    """Section: the bandwidth of BN's forward+backward against a plain copy (and the datasheet)."""
+    rows = args.results.get("batchnorm") or bench_batchnorm(args.shapes, repeat=args.repeat, device=args.device,
+                                                            dtype=args.dtype, naive=False)
+    out = bench_bandwidth(rows, device=args.device)
+    nominal = out[0]["nominal_gbs"]
+    print(f"Memory bandwidth of BN forward + backward (minimum traffic: 5 tensors of the input's size); "
+          f"a plain copy reaches {out[0]['copy_gbs']:.0f} GB/s here"
+          + (f", the datasheet gives {nominal:.0f} GB/s" if nominal else ""))
+    print(f"{'shape':<20} {'torch GB/s':>10} {'bnlib GB/s':>10} {'torch/copy':>10} {'bnlib/copy':>10}")
+    print("-" * 64)
+    for r in out:
+        print(f"{str(r['shape']):<20} {r['torch_gbs']:10.1f} {r['bnlib_gbs']:10.1f} "
+              f"{r['torch_of_copy']:9.0%} {r['bnlib_of_copy']:10.0%}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding BN into the convolutions for inference
+
+# The two CNNs of the chapter *Convolutional networks*: the small one (3 conv layers) and the deep one.
+FOLD_MODELS: Dict[str, dict] = {"small CNN (3 conv)": dict(channels=(16, 32, 32)),
+                                "deep CNN (8 conv)": dict(channels=(16, 16, 16, 16), depth_per_stage=2)}
+
+
+def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: str | torch.device = "cpu",
+               models: Optional[Dict[str, dict]] = None) -> List[dict]:
+    """Inference time of a CNN with BN against the same CNN with BN folded into its convolutions.
+
+    The networks (:data:`FOLD_MODELS`, ``bnlib.models.CNN`` with ``norm="bn"``, seeded, in eval mode,
+    untrained but with random running statistics and BN parameters so that folding has something to
+    fold; the time does not depend on the values) take batches of MNIST-shaped input
+    ``(B, 1, 28, 28)``. Batch 1 is timed with 5 calls per sample (it is short).
+
+    Returns:
+        One dict per model and batch size: ``model``, ``batch``, ``bn_ms``, ``folded_ms``, ``speedup``
+        (median time with BN / median time folded), ``max_abs_diff`` (largest difference of the two
+        networks' outputs on that batch, computed in float64 on the CPU: TF32 convolutions on a GPU
+        would hide the folding's own error).
+    """
+    from .fold import fold_batchnorm, is_batchnorm
+    from .models import CNN
+    from .train import seed_everything
+
+    dev = torch.device(device)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, kw in (models or FOLD_MODELS).items():
+        seed_everything(0)
+        model = CNN(norm="bn", **kw).eval()
+        with torch.no_grad():  # statistics and affine parameters as after training, not the identity
+            for m in model.modules():
+                if is_batchnorm(m):
+                    m.running_mean.normal_(0.0, 0.5, generator=gen)
+                    m.running_var.uniform_(0.5, 2.0, generator=gen)
+                    m.weight.uniform_(0.5, 1.5, generator=gen)
+                    m.bias.normal_(0.0, 0.1, generator=gen)
+        model.to(dev)
+        folded = fold_batchnorm(model)
+        reference = copy.deepcopy(model).cpu().double()  # the check runs in float64 on the CPU
+        exact = fold_batchnorm(reference)
+        for bs in batch_sizes:
+            x = torch.randn(bs, 1, 28, 28, generator=gen)
+            with torch.no_grad():
+                diff = (reference(x.double()) - exact(x.double())).abs().max().item()
+                x = x.to(dev)
+                res = compare({"with BN": lambda: model(x), "folded": lambda: folded(x)}, repeat=repeat,
+                              warmup=3, number=5 if bs == 1 else 1, device=dev)
+            rows.append({"model": name, "batch": bs, "bn_ms": res.medians["with BN"] * 1e3,
+                         "folded_ms": res.medians["folded"] * 1e3, "speedup": res.speedup("with BN", "folded"),
+                         "max_abs_diff": diff})
+    return rows
+
+
+def fold_section(args: argparse.Namespace) -> List[dict]:
+    """Section: inference speed-up of folding BN into the convolutions."""
+    rows = bench_fold(repeat=args.repeat, device=args.device)
+    print(f"Inference with BN against BN folded into the convolutions, on {args.device}, median of "
+          f"{args.repeat} interleaved repetitions")
+    print(f"{'model':<20} {'batch':>5} {'with BN ms':>10} {'folded ms':>10} {'speed-up':>8}")
+    print("-" * 57)
+    for r in rows:
+        print(f"{r['model']:<20} {r['batch']:5d} {r['bn_ms']:10.3f} {r['folded_ms']:10.3f} {r['speedup']:7.2f}x")
+    return rows
 
 
 def bench_training(rounds: int = 5, steps: int = 300, device: Optional[str] = None) -> List[dict]:
@@ -176,7 +392,7 @@ def bench_training(rounds: int = 5, steps: int = 300, device: Optional[str] = No
     return [{"model": name, "steps_per_s": statistics.median(v)} for name, v in rates.items()]
 
 
-def training_section(args: argparse.Namespace) -> None:
+def training_section(args: argparse.Namespace) -> List[dict]:
     """Section: training steps/s of the Ioffe MLP with bnlib BN, torch.nn BN and no BN."""
     rows = bench_training(device=args.device)
     print(f"Training, Ioffe & Szegedy's MLP (784-100-100-100-10, sigmoid, batch 60, SGD) on {args.device}, "
@@ -185,10 +401,69 @@ def training_section(args: argparse.Namespace) -> None:
     print("-" * 23)
     for r in rows:
         print(f"{r['model']:<14} {r['steps_per_s']:8.0f}")
+    return rows
 
 
-# The benchmarks main() runs, in order: functions (args) -> None that print their results.
-SECTIONS: List[Callable[[argparse.Namespace], None]] = [batchnorm_section, training_section]
+def bench_figure1(steps: int = 50_000, device: Optional[str] = None,
+                  variants: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:
+    """Ioffe & Szegedy's Figure 1 at full scale, timed: the MNIST MLP trained with and without BN.
+
+    The setting of the chapter *Why normalize?* (784-100-100-100-10 sigmoid MLP, batch 60, SGD at
+    learning rate 0.3, seed 0, test accuracy on the 10,000 test images every 1,000 steps), with BN
+    from bnlib by default (``variants`` maps a label to a ``norm=`` of :class:`bnlib.models.MLP`).
+
+    Returns:
+        One dict per variant: ``model``, ``norm``, ``steps``, ``seconds`` (wall time of the whole run,
+        evaluations included), ``steps_per_s``, ``final_acc``, ``steps_to_baseline`` (the first
+        evaluation at or above the first variant's final accuracy), and the curve ``test_step``,
+        ``test_acc``.
+    """
+    from .data import load_mnist
+    from .models import MLP
+    from .train import fit, seed_everything
+
+    data = load_mnist()
+    variants = variants or {"no BN": None, "BN": "bn"}
+    rows, hists = [], []
+    for name, norm in variants.items():
+        seed_everything(0)
+        model = MLP(norm=norm)
+        t0 = time.perf_counter()
+        hist = fit(model, data, steps=steps, batch_size=60, lr=0.3, eval_every=min(1000, steps), seed=0,
+                   device=device, progress=False)
+        hists.append(hist)
+        rows.append({"model": name, "norm": norm, "steps": steps, "seconds": time.perf_counter() - t0,
+                     "steps_per_s": hist.steps_per_s, "final_acc": hist.final_acc,
+                     "test_step": list(hist.test_step), "test_acc": list(hist.test_acc)})
+    target = hists[0].final_acc
+    for row, hist in zip(rows, hists):
+        row["steps_to_baseline"] = hist.steps_to_reach(target)
+    return rows
+
+
+def figure1_section(args: argparse.Namespace) -> List[dict]:
+    """Section: Figure 1 of Ioffe & Szegedy at full scale (50,000 steps), with wall times."""
+    rows = bench_figure1(steps=args.figure1_steps, device=args.device)
+    print(f"Figure 1 (MNIST MLP, {rows[0]['steps']:,} steps, batch 60, lr 0.3) on {args.device}")
+    print(f"{'model':<8} {'seconds':>8} {'steps/s':>8} {'final acc':>9} {'reaches no-BN final at':>23}")
+    print("-" * 60)
+    for r in rows:
+        reach = "-" if r["steps_to_baseline"] is None else f"step {r['steps_to_baseline']:,}"
+        print(f"{r['model']:<8} {r['seconds']:8.1f} {r['steps_per_s']:8.0f} {100 * r['final_acc']:8.2f}% {reach:>23}")
+    return rows
+
+
+# The benchmarks main() runs, in order: name -> function (args) -> rows (a list of dicts) that
+# prints its own table. ``args.results`` holds the rows of the sections already run.
+SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
+    "batchnorm": batchnorm_section,
+    "bandwidth": bandwidth_section,
+    "fold": fold_section,
+    "training": training_section,
+    "figure1": figure1_section,
+}
+# What runs without --sections: all but the 50,000-step Figure 1 (minutes on a CPU).
+DEFAULT_SECTIONS = ("batchnorm", "bandwidth", "fold", "training")
 
 
 def _default_device() -> str:
@@ -200,19 +475,107 @@ def _default_device() -> str:
         return "cpu"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Run every section of :data:`SECTIONS` and print their tables."""
+def _jsonable(obj):
+    """Tuples to lists, recursively (JSON has no tuples); everything else as is."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# Measured records shipped with bnlib: one folder per machine, holding what tools/device_run.sh
+# writes (bench.json, bench-bf16.json, bench-figure1.json, chapters.json). The appendix *Running on
+# a GPU* plots them.
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_records(root: Optional[os.PathLike] = None) -> Dict[str, Dict[str, dict]]:
+    """The measured records: ``{machine folder: {file stem: parsed JSON}}``.
+
+    Args:
+        root: the folder holding one sub-folder per machine (default :data:`RESULTS`, the records
+            shipped with bnlib).
+
+    Returns:
+        Machines in name order, each ``{"bench": ..., "chapters": ..., ...}`` (only the files that
+        exist). Every file must carry an ``environment`` (see :func:`environment`).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder or holds no record.
+        ValueError: a file has no ``environment``.
+    """
+    root = RESULTS if root is None else Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"expected a folder of measured records, got {root}")
+    records: Dict[str, Dict[str, dict]] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+        for stem, data in files.items():
+            if "environment" not in data:
+                raise ValueError(f"expected {folder / stem}.json to have an 'environment' entry")
+        if files:
+            records[folder.name] = files
+    if not records:
+        raise FileNotFoundError(f"no measured records (<machine>/<name>.json) in {root}")
+    return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the chosen sections of :data:`SECTIONS`, print their tables, optionally write JSON.
+
+    Returns:
+        ``{"environment": ..., "seconds": ..., <section name>: rows, ...}``, what ``--json`` writes.
+    """
     parser = argparse.ArgumentParser(prog="python -m bnlib.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=30, help="interleaved repetitions per measurement (default 30)")
     parser.add_argument("--device", default=None, help="device to run on (default: bnlib's choice, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"],
+                        help="dtype of the BatchNorm benchmark (default float32)")
+    parser.add_argument("--shapes", default=None, metavar="NxC[xHxW],...",
+                        help="BatchNorm input shapes, e.g. 256x1024,32x256x14x14 (default: DEFAULT_SHAPES)")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated sections to run, in order, from {','.join(SECTIONS)} "
+                             f"(default: {','.join(DEFAULT_SECTIONS)})")
+    parser.add_argument("--figure1-steps", type=int, default=50_000, help="training steps of the figure1 section")
+    parser.add_argument("--json", metavar="PATH", help="also write the results and the machine's description here")
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.sections.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        parser.error(f"unknown section(s) {unknown}; expected a comma-separated list from {list(SECTIONS)}")
     if args.device is None:
         args.device = _default_device()
+    args.dtype = getattr(torch, args.dtype)
+    try:
+        args.shapes = DEFAULT_SHAPES if args.shapes is None else [
+            tuple(int(n) for n in item.lower().split("x")) for item in args.shapes.split(",")]
+    except ValueError:
+        parser.error(f"expected --shapes like 256x1024,32x256x14x14, got {args.shapes!r}")
+    args.results = {}
+    out = {"environment": environment(args.device)}
     start = time.perf_counter()
-    for section in SECTIONS:
-        section(args)
+    for name in names:
+        args.results[name] = SECTIONS[name](args)
         print()
-    print(f"({time.perf_counter() - start:.0f} s)")
+        out["seconds"] = round(time.perf_counter() - start, 1)
+        out.update(args.results)
+        if args.json:  # after every section, so that a run cut short keeps what it measured
+            _write_json(out, args.json)
+    print(f"({out['seconds']:.0f} s)")
+    if args.json:
+        print(f"results written to {args.json}")
+    return out
+
+
+def _write_json(obj: dict, path: str) -> None:
+    """Write ``obj`` to ``path`` as JSON, atomically (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

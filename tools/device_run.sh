@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One prepared run of the whole book on a GPU machine (README, "Running on a GPU"):
+#   1. every chapter executed as plain Python on the GPU (tools/run_chapters.py), all at once;
+#   2. the benchmarks (python -m bnlib.bench) on the GPU, in float32 and in bfloat16;
+#   3. Ioffe & Szegedy's Figure 1 at full scale with bnlib's BN (bench section figure1), timed;
+# results written to $OUT (default results/device): chapters.json, bench.json, bench-bf16.json,
+# bench-figure1.json and three logs (at most 8 files: what the device tool brings back).
+# The machine needs Python with torch, numpy, matplotlib and tqdm, and the four MNIST files (raw or
+# .gz) in ./data (or $BNLIB_DATA), which `make device-data` puts there: it may have no network.
+#
+# Usage:  bash tools/device_run.sh [chapter timeout in s, default 420]
+# With this workplace's device tool (a bare GPU machine, a copy of the working tree, 600 s per
+# command): run `make device-data` here first, then
+#   run(command="bash tools/device_run.sh", carry=["data"], timeout_s=600)
+# and copy the JSON files it brings back into bnlib/results/<machine>/.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/device}
+TIMEOUT=${1:-420}
+JOBS=${JOBS:-6}  # chapters run at once (the GPU machine has 16 cores)
+BUDGET=${BUDGET:-570}  # seconds for the whole script
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=Agg PYTHONHASHSEED=0
+export BNLIB_DATA=${BNLIB_DATA:-$PWD/data}
+unset BNLIB_PROGRESS
+SECONDS=0
+{
+  echo "== machine"; date -u +%FT%TZ; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+  $PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+"available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+  echo "== data"; $PY -m bnlib.data --root "$BNLIB_DATA"
+} 2>&1 | tee "$OUT/machine.log"
+status=0
+echo "== chapters (timeout ${TIMEOUT}s each)"
+$PY tools/run_chapters.py --jobs "$JOBS" --timeout "$TIMEOUT" --json "$OUT/chapters.json" chapters/*.ipynb 2>&1 \
+  | tee "$OUT/chapters.log" | grep --line-buffered -E '^(ok|FAILED|[0-9]+ of)' || status=1
+# Later steps get what is left of BUDGET seconds (the device tool allows 600 s per command).
+left() { echo $(( BUDGET - SECONDS > 10 ? BUDGET - SECONDS : 10 )); }
+echo "== benchmarks, float32 ($SECONDS s so far)"
+timeout "$(left)" $PY -m bnlib.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+echo "== benchmarks, bfloat16 ($SECONDS s so far)"
+timeout "$(left)" $PY -m bnlib.bench --dtype bfloat16 --sections batchnorm,bandwidth --json "$OUT/bench-bf16.json" \
+  2>&1 | tee -a "$OUT/bench.log" || status=1
+echo "== Figure 1 at full scale, bnlib BN ($SECONDS s so far)"
+timeout "$(left)" $PY -m bnlib.bench --sections figure1 --json "$OUT/bench-figure1.json" 2>&1 \
+  | tee -a "$OUT/bench.log" || status=1
+echo "== done in $SECONDS s, status $status"
+exit $status
