@@ -103,3 +103,15 @@ def test_load_records(tmp_path):
         bench.load_records(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         bench.load_records(tmp_path / "missing")
+
+
+def test_shipped_records_are_complete():
+    """The records in bnlib/results (plotted by the appendix) load and hold every section."""
+    recs = bench.load_records()
+    assert recs, "expected at least one measured record"
+    for machine, files in recs.items():
+        assert {"bench", "chapters"} <= set(files), machine
+        assert {"batchnorm", "bandwidth", "fold", "training"} <= set(files["bench"]), machine
+        env = files["bench"]["environment"]
+        assert env["device_type"] in ("cpu", "cuda") and env["torch"] and env["date"]
+        assert files["chapters"]["chapters"] and all("ok" in c for c in files["chapters"]["chapters"])
