@@ -42,6 +42,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -262,11 +263,7 @@ def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device =
     nominal = nominal_bandwidth(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
     out = []
     for r in batchnorm_rows:
-        itemsize = torch.empty((), dtype=getattr(torch, r["dtype"])).element_size()
-        numel = 1
-        for n in r["shape"]:
-            numel *= n
-        nbytes = 5 * numel * itemsize
+        nbytes = 5 * math.prod(r["shape"]) * getattr(torch, r["dtype"]).itemsize
         row = {"shape": tuple(r["shape"]), "layer": r["layer"], "bytes": nbytes, "copy_gbs": copy_gbs,
                "nominal_gbs": nominal}
         for name in ("torch", "bnlib"):
@@ -475,15 +472,6 @@ def _default_device() -> str:
         return "cpu"
 
 
-def _jsonable(obj):
-    """Tuples to lists, recursively (JSON has no tuples); everything else as is."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 # Measured records shipped with bnlib: one folder per machine, holding what tools/device_run.sh
 # writes (bench.json, bench-bf16.json, bench-figure1.json, chapters.json). The appendix *Running on
 # a GPU* plots them.
@@ -573,7 +561,7 @@ def _write_json(obj: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1)
+        json.dump(obj, f, indent=1)  # tuples become lists
         f.write("\n")
     os.replace(tmp, path)
 
