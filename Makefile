@@ -39,7 +39,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 data: $(STAMP)
-	$(PYTHON) -m bnlib.data
+	$(PYTHON) -m bnlib.lab.data
 
 book: $(STAMP) data
 	$(BIN)/jupyter-book build .
@@ -91,15 +91,15 @@ execute: $(STAMP) data
 	echo "==> executed $(words $(NOTEBOOKS)) notebook(s) in $${SECONDS}s"
 
 bench: $(STAMP)
-	$(PYTHON) -m bnlib.bench
+	$(PYTHON) -m bnlib.lab.bench
 
 # The four MNIST files, gzipped (11 MB), in ./data (git-ignored): what a machine with no network
 # needs besides the repository (BNLIB_DATA=./data). Checked again when loaded.
 device-data: $(STAMP) data
-	@mkdir -p data; root=$$($(PYTHON) -c 'from bnlib.data import default_root; print(default_root())'); \
+	@mkdir -p data; root=$$($(PYTHON) -c 'from bnlib.lab.data import default_root; print(default_root())'); \
 	for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
 	  if [ -f "$$root/$$f" ]; then gzip -9nc "$$root/$$f" > data/$$f.gz; else cp "$$root/$$f.gz" data/; fi; done; \
-	BNLIB_DATA=data $(PYTHON) -m bnlib.data
+	BNLIB_DATA=data $(PYTHON) -m bnlib.lab.data
 
 # Dress rehearsal of the GPU run on this machine (JOBS chapters at once; default 2 here).
 device-run: $(STAMP) device-data

@@ -1,33 +1,48 @@
-"""bnlib: the reference library of the book *Batch Normalization*.
+"""bnlib: Batch Normalization and its variants, written to be read, and exact against torch.nn.
 
-Organised by concept (each module's docstring names the chapter that explains it):
+The package has two parts, visible in its file tree:
 
-* ``reference``    NumPy teaching implementation (forward, backward by hand, numerical gradients)
-* ``functional``   ``batch_norm`` in plain tensor ops with a closed-form autograd backward
-* ``modules``      ``BatchNorm1d/2d/3d``, drop-in replacements for torch.nn's
-* ``variants``     LayerNorm, GroupNorm, InstanceNorm, Batch Renorm, Ghost BN, Batch Layer Norm
-* ``distributed``  ``SyncBatchNorm`` on torch.distributed (gloo on CPU, NCCL on GPU)
-* ``running_stats`` momentum conventions and Precise BN population statistics
-* ``fold``         folding BN into the preceding Conv/Linear for inference
-* ``data``         checksummed MNIST
-* ``train``        device choice, the trainer ``fit`` and its ``History``
-* ``models``       MLP, CNN, ResNet with a pluggable ``norm=``
-* ``probes``       activation and gradient recorders
-* ``landscape``    loss-landscape smoothness measurements
-* ``plots``        the book's figure style (imported on demand: ``from bnlib import plots``)
-* ``timing``, ``bench`` measurement helpers, ``python -m bnlib.bench`` and the measured records
-  in ``results/`` (plotted by the appendix *Running on a GPU*)
+* **the normalization library** -- the modules directly in ``bnlib/``. They depend on torch (and
+  NumPy for the reference implementation) only, and ``import bnlib`` loads nothing else:
+
+  - ``reference``      NumPy teaching implementation: forward, backward by hand, numerical gradients
+  - ``functional``     ``batch_norm`` in plain tensor operations with a closed-form backward
+  - ``modules``        ``BatchNorm1d/2d/3d``, drop-in replacements for torch.nn's
+  - ``variants``       LayerNorm, GroupNorm, InstanceNorm, Batch Renorm, Ghost BN, Batch Layer Norm
+  - ``recurrent``      per-time-step BN for recurrent networks
+  - ``distributed``    ``SyncBatchNorm`` on torch.distributed (gloo on CPU, NCCL on GPU)
+  - ``running_stats``  momentum conventions (PyTorch, Keras, Flax) and Precise BN
+  - ``fold``           folding BN into the preceding Conv/Linear for inference
+
+* **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
+  measurements, plots, multi-process launch, benchmarks and their measured records. It is what
+  the book's chapters use to run experiments; see its own docstring.
 """
 
 __version__ = "0.1.0"
 
-from . import functional, reference
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .variants import (BatchLayerNorm, BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d,
-                       GroupNorm, InstanceNorm1d, InstanceNorm2d, LayerNorm, apply_renorm_schedule,
-                       renorm_schedule)
+from . import functional, reference, running_stats
 from .distributed import SyncBatchNorm
 from .fold import fold_batchnorm
-from .train import History, class_subset_sampler, device, evaluate, fit, seed_everything
-from .models import CNN, MLP, ResNet, make_norm
-from .probes import GradNormProbe, HistogramProbe, PercentileProbe, SaturationProbe, grad_norms
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .recurrent import StepBatchNorm
+from .variants import (
+    BatchLayerNorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    LayerNorm,
+    apply_renorm_schedule,
+    renorm_schedule,
+)
+
+__all__ = [
+    "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
+    "GhostBatchNorm1d", "GhostBatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
+    "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "reference",
+    "renorm_schedule", "running_stats",
+]

@@ -36,7 +36,7 @@ Speed: on a CPU, a fresh full-size tensor costs more than a whole pass over one 
 (the operating system must hand over and zero its pages). So each pass writes into the one buffer
 that must be allocated anyway: the output ``y`` in the forward, ``dx`` in the backward, used as
 scratch space before it receives the result. Per-channel reductions are cheap. ``python -m
-bnlib.bench`` compares the speed with torch.nn's C++ kernels.
+bnlib.lab.bench`` compares the speed with torch.nn's C++ kernels.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Tests of bnlib.ablation (helpers of the chapter "Restoring the distribution")."""
+"""Tests of bnlib.lab.params (helpers of the chapter "Restoring the distribution")."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 import bnlib
-from bnlib.ablation import (BN_VARIANTS, StepSizeRecorder, bn_factory, bn_modules, bn_parameters,
+from bnlib.lab.params import (BN_VARIANTS, StepSizeRecorder, bn_factory, bn_modules, bn_parameters,
                             count_parameters, train_only)
-from bnlib.models import CNN, MLP
-from bnlib.train import fit, seed_everything
+from bnlib.lab.models import CNN, MLP
+from bnlib.lab.training import fit, seed_everything
 
 
 

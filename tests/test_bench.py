@@ -1,6 +1,6 @@
-"""``python -m bnlib.bench`` runs and reports what it claims (no timing is asserted)."""
+"""``python -m bnlib.lab.bench`` runs and reports what it claims (no timing is asserted)."""
 
-from bnlib import bench
+from bnlib.lab import bench
 
 
 def test_bench_batchnorm_rows_and_table():
@@ -106,7 +106,7 @@ def test_load_records(tmp_path):
 
 
 def test_shipped_records_are_complete():
-    """The records in bnlib/results (plotted by the appendix) load and hold every section."""
+    """The records in bnlib/lab/results (plotted by the appendix) load and hold every section."""
     recs = bench.load_records()
     assert recs, "expected at least one measured record"
     for machine, files in recs.items():

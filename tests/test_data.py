@@ -1,4 +1,4 @@
-"""Tests of bnlib.data, the checksummed MNIST loader.
+"""Tests of bnlib.lab.data, the checksummed MNIST loader.
 
 Most tests build tiny IDX files (a handful of 28x28 images) in a temporary
 directory and hand their MD5s to the loader through ``_expected``. The last
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-import bnlib.data as data
-from bnlib.data import (
+import bnlib.lab.data as data
+from bnlib.lab.data import (
     FILES,
     MnistChecksumError,
     MnistDownloadError,
@@ -182,7 +182,7 @@ def test_corrupted_raw_file_names_the_file(tmp_path, no_network):
         load_mnist(tmp_path, _expected=expected)
     message = str(info.value)
     assert str(path) in message
-    assert "python -m bnlib.data" in message and "Delete" in message
+    assert "python -m bnlib.lab.data" in message and "Delete" in message
     assert isinstance(info.value, ValueError)
 
 

@@ -1,4 +1,4 @@
-"""bnlib.ddp_train: backend choice, the single-process helpers, and tiny spawned runs (2 gloo processes)."""
+"""bnlib.lab.launch: backend choice, the single-process helpers, and tiny spawned runs (2 gloo processes)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bnlib import ddp_train, models
-from bnlib.ddp_train import _build_model
+from bnlib.lab import launch as ddp_train, models
+from bnlib.lab.launch import _build_model
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")

@@ -13,10 +13,11 @@ from torch import nn
 
 import bnlib
 from bnlib import functional as BF
-from bnlib import landscape, models, probes, running_stats, sequence, variants as V
+from bnlib import running_stats, variants as V
+from bnlib.lab import landscape, models, probes, sequences as sequence
 from bnlib.distributed import SyncBatchNorm
 from bnlib.fold import fold_batchnorm
-from bnlib.train import evaluate, fit
+from bnlib.lab.training import evaluate, fit
 
 META = torch.device("meta")
 

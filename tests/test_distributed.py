@@ -186,7 +186,7 @@ def _worker(rank, port, outdir):
 
         # A converted nested model trained data-parallel, 3 SGD steps. The gradients are averaged
         # by hand exactly as DistributedDataParallel does (constructing a DDP imports torch._dynamo,
-        # which alone takes seconds; bnlib.ddp_train uses the real DDP).
+        # which alone takes seconds; bnlib.lab.launch uses the real DDP).
         model = _train_net(SyncBatchNorm.convert_sync_batchnorm(_net()), rank)
         res["ddp"] = {k: v.clone() for k, v in model.state_dict().items()}
         res["ddp_types"] = sorted({type(m).__name__ for m in model.modules()})

@@ -1,12 +1,12 @@
-"""Tests for bnlib.landscape: the noisy-BN layer and the loss-landscape measurement."""
+"""Tests for bnlib.lab.landscape: the noisy-BN layer and the loss-landscape measurement."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlib.landscape import LandscapeRecorder, NoisyShift, loss_landscape, noisy_norm
-from bnlib.models import MLP
+from bnlib.lab.landscape import LandscapeRecorder, NoisyShift, loss_landscape, noisy_norm
+from bnlib.lab.models import MLP
 
 
 class Quadratic(nn.Module):
@@ -75,7 +75,7 @@ def test_grad_none_stays_none():
 
 
 def test_recorder_as_fit_callback_does_not_change_training():
-    from bnlib.train import fit, seed_everything
+    from bnlib.lab.training import fit, seed_everything
     g = torch.Generator().manual_seed(0)
     xtr, ytr = torch.rand(600, 1, 28, 28, generator=g), torch.randint(0, 10, (600,), generator=g)
     data = ((xtr, ytr), (xtr[:100], ytr[:100]))

@@ -1,11 +1,11 @@
-"""Tests of bnlib.models: every model with every normalization, and the layer details."""
+"""Tests of bnlib.lab.models: every model with every normalization, and the layer details."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from bnlib import modules
-from bnlib.models import CNN, GN_GROUPS, MLP, NORM_NAMES, ResNet, make_norm
+from bnlib.lab.models import CNN, GN_GROUPS, MLP, NORM_NAMES, ResNet, make_norm
 
 NAMES_1D = [None, "none", "bn", "bn-torch", "ln", "gn", "brn", "bln"]
 NAMES_2D = NAMES_1D + ["in"]

@@ -1,4 +1,4 @@
-"""Tests of bnlib.probes on tiny models whose recorded values are known."""
+"""Tests of bnlib.lab.probes on tiny models whose recorded values are known."""
 
 import json
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bnlib.probes import (GradNormProbe, HistogramProbe, PercentileProbe, SaturationProbe, grad_norms,
+from bnlib.lab.probes import (GradNormProbe, HistogramProbe, PercentileProbe, SaturationProbe, grad_norms,
                           quantiles)
-from bnlib.train import fit, seed_everything
+from bnlib.lab.training import fit, seed_everything
 
 
 
@@ -133,7 +133,7 @@ def test_plots_of_probe_records():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from bnlib.plots import plot_histograms, plot_percentiles
+    from bnlib.lab.plots import plot_histograms, plot_percentiles
 
     ident = nn.Identity()
     with PercentileProbe(ident) as p, HistogramProbe(ident, bins=10) as h:

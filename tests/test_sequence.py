@@ -1,8 +1,8 @@
-"""Tests of bnlib.sequence (the RNN of the chapter "Limitations and alternatives")."""
+"""Tests of bnlib.lab.sequences (the RNN of the chapter "Limitations and alternatives")."""
 
 import torch
 
-from bnlib import sequence as sq
+from bnlib.lab import sequences as sq
 
 
 def test_pad_to_lengths_zeroes_the_tail():

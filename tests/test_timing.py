@@ -1,4 +1,4 @@
-"""Tests for bnlib.timing: interleaving order, warm-up, medians and ratios.
+"""Tests for bnlib.lab.timing: interleaving order, warm-up, medians and ratios.
 
 No assertion depends on real time: candidates advance a fake clock by a known
 amount and log their calls.
@@ -6,7 +6,7 @@ amount and log their calls.
 import pytest
 import torch
 
-from bnlib.timing import Comparison, compare, synchronize, time_fn
+from bnlib.lab.timing import Comparison, compare, synchronize, time_fn
 
 
 class FakeClock:

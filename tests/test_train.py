@@ -1,4 +1,4 @@
-"""Tests of bnlib.train: fit, evaluate, History, device selection."""
+"""Tests of bnlib.lab.training: fit, evaluate, History, device selection."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bnlib.train import History, class_subset_sampler, device, evaluate, fit, seed_everything
+from bnlib.lab.training import History, class_subset_sampler, device, evaluate, fit, seed_everything
 
 
 
@@ -148,7 +148,7 @@ def test_plots_of_histories():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from bnlib.plots import BN_COLOR, NO_BN_COLOR, plot_curves, plot_lr_sweep
+    from bnlib.lab.plots import BN_COLOR, NO_BN_COLOR, plot_curves, plot_lr_sweep
 
     ok = History(step=[10, 20], train_loss=[1.0, 0.5], lr=[0.1, 0.1], test_step=[0, 10, 20],
                  test_acc=[0.1, 0.6, 0.9])

@@ -2,7 +2,7 @@
 # One prepared run of the whole book on a GPU machine (README, "Running on a GPU"):
 #   1. every chapter (but the appendix that plots these results) executed as plain Python on the
 #      GPU (tools/run_chapters.py), six at once;
-#   2. the benchmarks (python -m bnlib.bench) on the GPU, in float32 and in bfloat16;
+#   2. the benchmarks (python -m bnlib.lab.bench) on the GPU, in float32 and in bfloat16;
 #   3. Ioffe & Szegedy's Figure 1 at full scale with bnlib's BN (bench section figure1), timed;
 # results written to $OUT (default results/device): chapters.json, bench.json, bench-bf16.json,
 # bench-figure1.json and three logs (at most 8 files: what the device tool brings back).
@@ -13,7 +13,7 @@
 # With this workplace's device tool (a bare GPU machine, a copy of the working tree, 600 s per
 # command): run `make device-data` here first, then
 #   run(command="bash tools/device_run.sh", carry=["data"], timeout_s=600)
-# and copy the JSON files it brings back into bnlib/results/<machine>/.
+# and copy the JSON files it brings back into bnlib/lab/results/<machine>/.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/device}
@@ -30,7 +30,7 @@ SECONDS=0
   echo "== machine"; date -u +%FT%TZ; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
   $PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
 "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
-  echo "== data"; $PY -m bnlib.data --root "$BNLIB_DATA"
+  echo "== data"; $PY -m bnlib.lab.data --root "$BNLIB_DATA"
 } 2>&1 | tee "$OUT/machine.log"
 status=0
 echo "== chapters (timeout ${TIMEOUT}s each)"
@@ -41,12 +41,12 @@ $PY tools/run_chapters.py --jobs "$JOBS" --timeout "$TIMEOUT" --json "$OUT/chapt
 # Later steps get what is left of BUDGET seconds (the device tool allows 600 s per command).
 left() { echo $(( BUDGET - SECONDS > 10 ? BUDGET - SECONDS : 10 )); }
 echo "== benchmarks, float32 ($SECONDS s so far)"
-timeout "$(left)" $PY -m bnlib.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+timeout "$(left)" $PY -m bnlib.lab.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
 echo "== benchmarks, bfloat16 ($SECONDS s so far)"
-timeout "$(left)" $PY -m bnlib.bench --dtype bfloat16 --sections batchnorm,bandwidth --json "$OUT/bench-bf16.json" \
+timeout "$(left)" $PY -m bnlib.lab.bench --dtype bfloat16 --sections batchnorm,bandwidth --json "$OUT/bench-bf16.json" \
   2>&1 | tee -a "$OUT/bench.log" || status=1
 echo "== Figure 1 at full scale, bnlib BN ($SECONDS s so far)"
-timeout "$(left)" $PY -m bnlib.bench --sections figure1 --json "$OUT/bench-figure1.json" 2>&1 \
+timeout "$(left)" $PY -m bnlib.lab.bench --sections figure1 --json "$OUT/bench-figure1.json" 2>&1 \
   | tee -a "$OUT/bench.log" || status=1
 echo "== done in $SECONDS s, status $status"
 exit $status

@@ -16,8 +16,8 @@ Usage::
 
     python tools/run_chapters.py [--jobs 6] [--timeout 600] [--keep-going] [--json chapters.json] chapters/*.ipynb
 
-The JSON holds the machine (``bnlib.bench.environment``) and, per chapter: ``ok``, ``seconds``,
-``device`` (what ``bnlib.train.device()`` chose), the error if any, and per code cell its index, first
+The JSON holds the machine (``bnlib.lab.bench.environment``) and, per chapter: ``ok``, ``seconds``,
+``device`` (what ``bnlib.lab.training.device()`` chose), the error if any, and per code cell its index, first
 line, seconds and printed text. ``nbval`` (``make test``) remains the check of the stored outputs; this
 tool checks that every chapter runs, and measures where the time goes, on another machine.
 """
@@ -138,7 +138,7 @@ def run_notebook(path: Path, keep_going: bool = False) -> dict:
     error = errors[0] if errors else None
     device = None
     if "bnlib" in sys.modules:
-        from bnlib.train import device as bnlib_device
+        from bnlib.lab.training import device as bnlib_device
         device = str(bnlib_device())
     differ = [c["index"] for c in cells if c["matches_stored"] is False]
     return {"chapter": path.stem, "ok": error is None, "seconds": round(time.perf_counter() - start, 1),
@@ -223,8 +223,8 @@ def main(argv=None) -> int:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"run_chapters.{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bnlib.bench import environment
-    from bnlib.train import device
+    from bnlib.lab.bench import environment
+    from bnlib.lab.training import device
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -48,7 +48,7 @@ PALETTE = ["#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#0
 BN_COLOR = "#0072B2"      # blue
 NO_BN_COLOR = "#D55E00"   # vermillion
 
-#: One colour per normalization name (the names of ``bnlib.models.make_norm``, plus 'bln' and 'ghost').
+#: One colour per normalization name (the names of ``bnlib.lab.models.make_norm``, plus 'bln' and 'ghost').
 NORM_COLORS = {
     "bn": BN_COLOR,
     "bn-torch": BN_COLOR,
@@ -188,7 +188,7 @@ def plot_percentiles(steps, pcts=None, ax=None, label: Optional[str] = None,
     """Plot percentiles over training as a band around a median line (Figure 1 b, c).
 
     Args:
-        steps: ``(T,)`` steps -- or a :class:`bnlib.probes.PercentileProbe`
+        steps: ``(T,)`` steps -- or a :class:`bnlib.lab.probes.PercentileProbe`
             (then leave ``pcts`` None).
         pcts: ``(T, k)`` percentiles, lowest first (e.g. 15, 50, 85); the
             band spans the first and last column, the line is the middle one.
@@ -244,7 +244,7 @@ def plot_histograms(grid, *, col_labels: Optional[Sequence[str]] = None, density
         grid: ``{row label: row}`` or a list of rows. A row is a list of cells
             -- ``(counts, edges)``, ``(counts, edges, title)`` or a dict with
             ``'counts'``, ``'edges'`` and optional ``'title'`` -- or a
-            :class:`bnlib.probes.HistogramProbe` (one cell per record).
+            :class:`bnlib.lab.probes.HistogramProbe` (one cell per record).
         col_labels: titles of the columns (default: the cells' titles).
         density: normalise each histogram to unit area.
         colors: ``{row label: colour}``; default :func:`color_for`.

@@ -22,7 +22,7 @@ training sequence reached have no statistics at all (evaluation then reuses thos
 that has some, as Cooijmans et al. do beyond the training length).
 
 :func:`train_sequence` and :func:`evaluate_sequence` are the training loop and accuracy for these
-models (Adam, cross-entropy, gradient-norm clipping), since :func:`bnlib.train.fit` passes no lengths.
+models (Adam, cross-entropy, gradient-norm clipping), since :func:`bnlib.lab.training.fit` passes no lengths.
 """
 
 from __future__ import annotations
@@ -33,66 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .variants import LayerNorm
+from ..recurrent import StepBatchNorm
+from ..variants import LayerNorm
 
-__all__ = ["StepBatchNorm", "NormRNN", "as_sequences", "random_lengths", "pad_to_lengths",
+__all__ = ["NormRNN", "as_sequences", "random_lengths", "pad_to_lengths",
            "train_sequence", "evaluate_sequence"]
-
-
-class StepBatchNorm(nn.Module):
-    r"""Batch normalization of ``(N, C)`` inputs with separate statistics for each time step.
-
-    ``forward(x, t, mask)`` normalizes the pre-activations of step ``t``. Training: the mean and
-    biased variance over the batch (over the rows where ``mask`` is True if ``masked``, else over all
-    rows), and ``running_mean[t]``/``running_var[t]`` move towards them with ``momentum`` (the
-    variance Bessel-corrected, as in :class:`bnlib.BatchNorm1d`); ``steps_tracked[t]`` counts the
-    updates. If fewer than 2 rows are usable the step is normalized with its running statistics and
-    not updated. Evaluation: the running statistics of step ``t``, or, if step ``t`` was never
-    updated (or ``t >= max_steps``), those of the last step before it that was.
-
-    Args:
-        num_features: C.
-        max_steps: number of steps with their own statistics.
-        masked: compute training statistics over real (unpadded) rows only.
-        eps, momentum: as in BatchNorm (defaults 1e-5, 0.1).
-        gamma_init: initial γ (Cooijmans et al. recommend 0.1 for tanh RNNs; default 1.0).
-    """
-
-    def __init__(self, num_features: int, max_steps: int, masked: bool = False, eps: float = 1e-5,
-                 momentum: float = 0.1, gamma_init: float = 1.0) -> None:
-        super().__init__()
-        self.num_features, self.max_steps, self.masked = num_features, max_steps, masked
-        self.eps, self.momentum = eps, momentum
-        self.weight = nn.Parameter(torch.full((num_features,), float(gamma_init)))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(max_steps, num_features))
-        self.register_buffer("running_var", torch.ones(max_steps, num_features))
-        self.register_buffer("steps_tracked", torch.zeros(max_steps, dtype=torch.long))
-
-    def _stat_step(self, t: int) -> int:
-        """The step whose running statistics step ``t`` uses in evaluation (see the class docstring)."""
-        s = min(t, self.max_steps - 1)
-        tracked = self.steps_tracked[: s + 1].nonzero()
-        return int(tracked[-1]) if len(tracked) else s
-
-    def forward(self, x: Tensor, t: int, mask: Optional[Tensor] = None) -> Tensor:
-        if x.dim() != 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"StepBatchNorm expected (N, {self.num_features}) input, got {tuple(x.shape)}")
-        rows = x[mask] if (self.masked and mask is not None) else x
-        if self.training and t < self.max_steps and rows.shape[0] >= 2:
-            var, mean = torch.var_mean(rows, 0, correction=0)  # μ_t, σ²_t over the (real) rows
-            n = rows.shape[0]
-            with torch.no_grad():
-                self.running_mean[t].lerp_(mean.detach(), self.momentum)
-                self.running_var[t].lerp_(var.detach() * (n / (n - 1)), self.momentum)
-                self.steps_tracked[t] += 1
-        else:
-            s = t if (self.training and t < self.max_steps) else self._stat_step(t)
-            mean, var = self.running_mean[s], self.running_var[s]
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, max_steps={self.max_steps}, masked={self.masked}, momentum={self.momentum}"
 
 
 def as_sequences(x: Tensor) -> Tensor:
@@ -192,12 +137,12 @@ def train_sequence(model: nn.Module, x: Tensor, y: Tensor, *, steps: int, batch_
     Each batch is ``batch_size`` random training examples; with ``lengths=(low, high)`` each example
     is truncated to a random length in ``low..high`` (drawn afresh every time) and zero-padded
     (:func:`pad_to_lengths`). Gradients are clipped to norm ``clip``. The model is moved to
-    ``device`` (default :func:`bnlib.train.device`) and left in train mode.
+    ``device`` (default :func:`bnlib.lab.training.device`) and left in train mode.
 
     Returns:
         list of the training losses, one per step.
     """
-    from .train import device as pick_device
+    from .training import device as pick_device
     dev = pick_device(device)
     model.to(dev).train()
     x, y = as_sequences(x).to(dev), y.to(dev)

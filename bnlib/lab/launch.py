@@ -3,7 +3,7 @@ r"""Data-parallel experiments of chapter *Batch normalization across devices* (`
 Everything here that needs several processes spawns them itself (``world_size`` processes on this
 machine, rendezvous over 127.0.0.1) and returns a plain dict, so a notebook cell stays one call:
 
-* :func:`run_ddp` -- ``world_size`` replicas train one :class:`bnlib.models.CNN` on MNIST with
+* :func:`run_ddp` -- ``world_size`` replicas train one :class:`bnlib.lab.models.CNN` on MNIST with
   :class:`~torch.nn.parallel.DistributedDataParallel`, each on a small per-replica batch, with
 
   - ``norm="local"``: bnlib's BatchNorm2d, statistics of each replica's own batch;
@@ -38,7 +38,7 @@ terminal or notebook; if a replica fails, the error raised here quotes its trace
 From a shell (``run_ddp``'s training only)::
 
     python -m torch.distributed.run --nproc_per_node=2 --master_addr=127.0.0.1 --master_port=29501 \
-        -m bnlib.ddp_train --norm sync --steps 300 --out result.json
+        -m bnlib.lab.launch --norm sync --steps 300 --out result.json
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _replica_device(device_type: str, rank: int) -> torch.device:
 # ----------------------------------------------------------------------------------------------
 
 def _build_model(cfg: dict) -> nn.Module:
-    from .distributed import SyncBatchNorm
+    from ..distributed import SyncBatchNorm
     from .models import CNN
 
     norm = cfg["norm"]
@@ -110,7 +110,7 @@ def _build_model(cfg: dict) -> nn.Module:
         model = CNN(channels=tuple(cfg["channels"]), norm="bn")
         return SyncBatchNorm.convert_sync_batchnorm(model) if norm == "sync" else model
     if norm == "ghost":
-        from .variants import GhostBatchNorm2d
+        from ..variants import GhostBatchNorm2d
         if cfg["batch_per_replica"] % cfg["ghost_batch"]:
             raise ValueError(f"ghost_batch={cfg['ghost_batch']} must divide "
                              f"batch_per_replica={cfg['batch_per_replica']}")
@@ -126,7 +126,7 @@ def train_replica(cfg: dict, device: torch.device | str = "cpu") -> dict:
     entries of one seeded permutation of the training set; replica ``rank`` takes its ``b`` of them.
     """
     from .data import load_mnist
-    from .distributed import communication_timer
+    from ..distributed import communication_timer
 
     cfg = {**DEFAULTS, **cfg}
     device = torch.device(device)
@@ -208,8 +208,8 @@ def train_replica(cfg: dict, device: torch.device | str = "cpu") -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _equivalence_job(cfg: dict, device: torch.device) -> dict:
-    from .distributed import SyncBatchNorm
-    from .modules import BatchNorm2d
+    from ..distributed import SyncBatchNorm
+    from ..modules import BatchNorm2d
 
     rank, world = dist.get_rank(), dist.get_world_size()
     b, c, (h, w) = cfg["batch_per_replica"], cfg["channels"], cfg["spatial"]
@@ -366,7 +366,7 @@ def _launch(job: str, cfg: dict, timeout_s: float) -> dict:
                 f = Path(outdir, f"rank{r}.{kind}")
                 if f.exists() and f.read_text().strip():
                     details.append(f"--- rank {r} {kind} ---\n{f.read_text()[-3000:]}")
-        raise RuntimeError(f"bnlib.ddp_train ({job}) failed: {failure}\n" + "\n".join(details))
+        raise RuntimeError(f"bnlib.lab.launch ({job}) failed: {failure}\n" + "\n".join(details))
 
 
 def run_ddp(config: dict | None = None, timeout_s: float = 600, **kwargs) -> dict:
@@ -375,7 +375,7 @@ def run_ddp(config: dict | None = None, timeout_s: float = 600, **kwargs) -> dic
     ``config`` and keyword arguments override :data:`DEFAULTS`: ``norm`` (``"sync"``, ``"local"``
     or ``"ghost"``), ``world_size``, ``batch_per_replica``, ``steps``, ``lr``, ``momentum``,
     ``seed``, ``channels``, ``ghost_batch``, ``test_examples``, ``log_every``, ``backend`` (None:
-    :func:`pick_backend`), ``data_root``. Load MNIST once beforehand (``bnlib.data.load_mnist()``)
+    :func:`pick_backend`), ``data_root``. Load MNIST once beforehand (``bnlib.lab.data.load_mnist()``)
     so that the replicas do not all download it.
 
     Returns the configuration plus ``test_accuracy`` (running statistics, on the first

@@ -4,18 +4,18 @@ The chapter (``chapters/restoring.ipynb``) asks what BN's learned scale γ and s
 by taking them away one at a time and by training *only* them. This module holds the pieces it
 needs more than once:
 
-* :func:`bn_factory` -- a ``norm=`` argument for :class:`bnlib.models.MLP` / :class:`~bnlib.models.CNN`
+* :func:`bn_factory` -- a ``norm=`` argument for :class:`bnlib.lab.models.MLP` / :class:`~bnlib.lab.models.CNN`
   building BN with both parameters (``'full'``), with γ frozen at 1 (``'gamma=1'``), without β
   (``'beta=0'``), or with neither (``'none'``: ``affine=False``);
 * :func:`bn_modules`, :func:`bn_parameters` -- the BN layers of a model and their γ and β;
 * :func:`train_only` -- freeze every parameter except those of the given modules (and, optionally,
   of every BN layer), e.g. "only BN" or "only BN and the output layer";
 * :func:`count_parameters` -- how many parameters (trainable ones by default) a model has;
-* :class:`StepSizeRecorder` -- a :func:`bnlib.train.fit` callback recording, for chosen weight
+* :class:`StepSizeRecorder` -- a :func:`bnlib.lab.training.fit` callback recording, for chosen weight
   tensors, the norm ``‖W‖`` and the relative step ``‖W_t - W_{t-1}‖ / ‖W_{t-1}‖`` of every update:
   the *effective* step size of a scale-invariant weight.
 
-:func:`bnlib.train.fit` optimizes only the parameters whose ``requires_grad`` is True, so a model
+:func:`bnlib.lab.training.fit` optimizes only the parameters whose ``requires_grad`` is True, so a model
 prepared with :func:`train_only` can be passed to it unchanged.
 """
 
@@ -47,7 +47,7 @@ BN_VARIANTS = {
 
 
 def _bn_types() -> tuple:
-    from .modules import _BatchNorm
+    from ..modules import _BatchNorm
     return (nn.modules.batchnorm._BatchNorm, _BatchNorm)
 
 
@@ -62,7 +62,7 @@ def bn_factory(variant: str = "full", kind: str = "1d", **bn_kwargs) -> Callable
     Returns:
         callable: ``num_features -> nn.Module``.
     """
-    from .modules import BatchNorm1d, BatchNorm2d
+    from ..modules import BatchNorm1d, BatchNorm2d
     if variant not in BN_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(BN_VARIANTS)}")
     if kind not in ("1d", "2d"):
@@ -121,7 +121,7 @@ def count_parameters(model: nn.Module, trainable: bool = True) -> int:
 
 
 class StepSizeRecorder:
-    """A :func:`bnlib.train.fit` callback: norms and relative steps of chosen weight tensors.
+    """A :func:`bnlib.lab.training.fit` callback: norms and relative steps of chosen weight tensors.
 
     Pass it as ``callback=rec, callback_every=1``. At each call it records, for every named tensor,
     ``‖W‖`` and the relative change since the previous call, ``‖W - W_prev‖ / ‖W_prev‖`` -- with

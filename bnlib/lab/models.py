@@ -15,7 +15,7 @@ Every model takes ``norm=``, resolved by :func:`make_norm`; see
 :data:`NORM_NAMES` for the names. Normalization layers come from bnlib
 (:mod:`bnlib.modules`, :mod:`bnlib.variants`), except ``'bn-torch'``, which is
 torch.nn's own BatchNorm for comparison. Nothing here fixes a device: move a
-model with ``.to(device)`` (``bnlib.train.fit`` does it for you).
+model with ``.to(device)`` (``bnlib.lab.training.fit`` does it for you).
 """
 
 from __future__ import annotations

@@ -405,7 +405,7 @@ def fit(
         model: any ``nn.Module`` mapping a batch of ``x`` to class logits. It
             is moved to the device in place and left in train mode.
         data: ``((x_train, y_train), (x_test, y_test))`` tensors, as returned
-            by :func:`bnlib.data.load_mnist`. Moved to the device once.
+            by :func:`bnlib.lab.data.load_mnist`. Moved to the device once.
         steps, epochs: length of training; give exactly one. An epoch is
             ``len(x_train) // batch_size`` updates.
         batch_size: examples per update (default 60, as in the paper's MNIST
@@ -440,7 +440,7 @@ def fit(
             ``eval_every``); the history is up to date when it is called.
             Returning True stops training.
         probes: objects with ``active`` and ``step`` attributes, such as those
-            of :mod:`bnlib.probes`. They are switched on for the forward and
+            of :mod:`bnlib.lab.probes`. They are switched on for the forward and
             backward pass of every ``probe_every``-th update only (default
             ``eval_every``), with ``probe.step`` set to the number of updates
             done before that pass (0 = the initial model), and restored to

@@ -12,7 +12,7 @@ A probe attaches a hook when it is created and records only while its
 ``active`` attribute is True, labelling each record with its ``step``
 attribute. Two ways to drive it:
 
-* with :func:`bnlib.train.fit`: ``fit(model, data, probes=[p], probe_every=k)``
+* with :func:`bnlib.lab.training.fit`: ``fit(model, data, probes=[p], probe_every=k)``
   switches the probes on for the forward and backward pass of every k-th
   update, with ``p.step`` = the number of updates done so far (0 = the
   initial model). The recorded batch is the training batch, in train mode --

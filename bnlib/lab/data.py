@@ -23,7 +23,7 @@ What it does:
 
 Fetch ahead of time (prints where the files are and that they check out)::
 
-    python -m bnlib.data [--root DIR]
+    python -m bnlib.lab.data [--root DIR]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ _ROWS = _COLS = 28
 
 
 class MnistError(Exception):
-    """Base class of every error raised by :mod:`bnlib.data`."""
+    """Base class of every error raised by :mod:`bnlib.lab.data`."""
 
 
 class MnistChecksumError(MnistError, ValueError):
@@ -172,7 +172,7 @@ def _find(root: Path, name: str) -> Optional[Path]:
 
 def _fix_hint(path: Path, name: str) -> str:
     return (
-        f"Delete {path} and re-run `python -m bnlib.data` (add `--root {path.parent}` "
+        f"Delete {path} and re-run `python -m bnlib.lab.data` (add `--root {path.parent}` "
         f"if that is not the default root) to download it again, or put a good copy of "
         f"{name} (raw or .gz) there."
     )
@@ -444,7 +444,7 @@ def _ensure_files(root: Path, download: bool, expected: Dict[str, str]) -> None:
     if not download:
         raise MnistNotFoundError(
             f"MNIST files missing from {root}: {listing} (raw or .gz). Nothing was "
-            f"downloaded because download=False. Run `python -m bnlib.data --root {root}` "
+            f"downloaded because download=False. Run `python -m bnlib.lab.data --root {root}` "
             f"or call load_mnist(download=True), or copy the files there by hand."
         )
     root.mkdir(parents=True, exist_ok=True)
@@ -459,7 +459,7 @@ def _ensure_files(root: Path, download: bool, expected: Dict[str, str]) -> None:
             f"Tried:\n{tried}\n"
             f"Fix: put the four files {', '.join(FILES)} (raw, or gzipped with a .gz "
             f"suffix) into {root} by hand (or set $BNLIB_DATA to a directory holding "
-            f"them), then re-run `python -m bnlib.data`.",
+            f"them), then re-run `python -m bnlib.lab.data`.",
             attempts,
         )
 
@@ -538,9 +538,9 @@ def load_mnist(
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m bnlib.data [--root DIR]``: download and verify MNIST ahead of time."""
+    """``python -m bnlib.lab.data [--root DIR]``: download and verify MNIST ahead of time."""
     parser = argparse.ArgumentParser(
-        prog="python -m bnlib.data",
+        prog="python -m bnlib.lab.data",
         description="Download MNIST for the book (if needed) and verify its checksums.",
     )
     parser.add_argument("--root", default=None,

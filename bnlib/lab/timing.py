@@ -20,7 +20,7 @@ the time measured is the time the GPU took, not the time to enqueue.
 
 Example::
 
-    from bnlib.timing import time_fn, compare
+    from bnlib.lab.timing import time_fn, compare
     t = time_fn(lambda: model(x), repeat=30, warmup=3)      # median seconds
     res = compare({"with BN": lambda: model(x), "folded": lambda: folded(x)}, repeat=30)
     res.medians["folded"], res.speedup("with BN", "folded")

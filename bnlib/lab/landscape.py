@@ -5,11 +5,11 @@ scale, the two findings of that paper that bear on the "internal covariate shift
 
 * **Noisy BN** -- :class:`NoisyShift` multiplies and shifts every unit by a random scale and offset
   drawn afresh at every training step, so the distribution a layer receives keeps moving on purpose.
-  Placed right after a BN layer (``norm=noisy_norm("bn", ...)`` in :class:`bnlib.models.MLP`) it
+  Placed right after a BN layer (``norm=noisy_norm("bn", ...)`` in :class:`bnlib.lab.models.MLP`) it
   undoes BN's stabilisation of the distribution while keeping the rest of BN.
 * **Smoothness of the loss** -- :func:`loss_landscape` walks along the gradient direction from the
   current parameters and reports how much the loss and the gradient change there; the
-  :class:`LandscapeRecorder` callback does it at checkpoints of a :func:`bnlib.train.fit` run.
+  :class:`LandscapeRecorder` callback does it at checkpoints of a :func:`bnlib.lab.training.fit` run.
 
 Everything runs on the device of the model (CPU or CUDA) and leaves the model exactly as it found it.
 """
@@ -46,7 +46,7 @@ class NoisyShift(nn.Module):
     In eval mode it applies the average transform, :math:`y = x \cdot \bar s + \mu` with
     :math:`\bar s = (s_{lo} + s_{hi})/2`, so that a network trained with the noise is evaluated
     with the shift and scale it saw on average (as dropout rescales at test time). The random numbers come from PyTorch's global generator on the
-    input's device, so :func:`bnlib.train.seed_everything` makes them reproducible.
+    input's device, so :func:`bnlib.lab.training.seed_everything` makes them reproducible.
 
     Args:
         num_features: ``C``; only used to check the input.
@@ -83,7 +83,7 @@ class NoisyShift(nn.Module):
 
 
 def noisy_norm(base: Union[None, str, Callable[[int], nn.Module]] = "bn", **noise) -> Callable[[int], nn.Module]:
-    """A ``norm`` callable for :class:`bnlib.models.MLP` / :func:`bnlib.models.make_norm`:
+    """A ``norm`` callable for :class:`bnlib.lab.models.MLP` / :func:`bnlib.lab.models.make_norm`:
     the normalization ``base`` followed by :class:`NoisyShift` (``**noise`` are its arguments).
 
     ``noisy_norm("bn")`` is Santurkar et al.'s noisy BN; ``noisy_norm(None)`` puts the same noise in
@@ -94,7 +94,7 @@ def noisy_norm(base: Union[None, str, Callable[[int], nn.Module]] = "bn", **nois
         ``NoisyShift`` when ``base`` is None).
     """
     def build(num_features: int) -> nn.Module:
-        from bnlib.models import make_norm
+        from bnlib.lab.models import make_norm
         noise_layer = NoisyShift(num_features, **noise)
         if base is None or (isinstance(base, str) and base.lower() == "none"):
             return noise_layer
@@ -213,7 +213,7 @@ def loss_landscape(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tens
 
 @dataclass
 class LandscapeRecorder:
-    """A :func:`bnlib.train.fit` callback that runs :func:`loss_landscape` at checkpoints.
+    """A :func:`bnlib.lab.training.fit` callback that runs :func:`loss_landscape` at checkpoints.
 
     ``fit(model, data, ..., callback=rec, callback_every=k)`` measures at step 0 and every ``k``
     updates, on the fixed ``batch``. Never stops training.

@@ -1,4 +1,4 @@
-"""Benchmarks of bnlib against torch.nn: ``python -m bnlib.bench``.
+"""Benchmarks of bnlib against torch.nn: ``python -m bnlib.lab.bench``.
 
 The chapter *The algorithm* (``chapters/algorithm.ipynb``) and the *Performance* section of the
 README quote these numbers. The BatchNorm section times one training-mode forward **and** backward
@@ -11,7 +11,7 @@ updated) of three implementations:
 * ``naive``: :func:`naive_batch_norm`, the textbook forward in tensor operations with the backward
   left to autograd, for context: this is what the closed form saves.
 
-The candidates are timed *interleaved* in one process (:func:`bnlib.timing.compare`: torch, bnlib,
+The candidates are timed *interleaved* in one process (:func:`bnlib.lab.timing.compare`: torch, bnlib,
 naive, then again in a rotated order, ...), so a slow spell of a shared machine hits them alike. The
 table reports median times and the median over repetitions of the per-repetition ratio to torch.
 
@@ -29,7 +29,7 @@ torch, CUDA and cuDNN versions, threads, date) to a JSON file; the appendix *Mea
 
 Command line::
 
-    python -m bnlib.bench [--repeat 30] [--device cpu] [--dtype float32] [--shapes 256x1024,...]
+    python -m bnlib.lab.bench [--repeat 30] [--device cpu] [--dtype float32] [--shapes 256x1024,...]
                           [--sections batchnorm,bandwidth,fold,training,figure1] [--json results.json]
 
 The ``figure1`` section (Ioffe & Szegedy's Figure 1 at full scale, 50,000 steps twice, with its wall
@@ -53,7 +53,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .modules import BatchNorm1d, BatchNorm2d
+from ..modules import BatchNorm1d, BatchNorm2d
 from .timing import compare, time_fn
 
 __all__ = ["DEFAULT_SHAPES", "naive_batch_norm", "bench_batchnorm", "format_batchnorm_table", "environment",
@@ -304,7 +304,7 @@ def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: 
                models: Optional[Dict[str, dict]] = None) -> List[dict]:
     """Inference time of a CNN with BN against the same CNN with BN folded into its convolutions.
 
-    The networks (:data:`FOLD_MODELS`, ``bnlib.models.CNN`` with ``norm="bn"``, seeded, in eval mode,
+    The networks (:data:`FOLD_MODELS`, ``bnlib.lab.models.CNN`` with ``norm="bn"``, seeded, in eval mode,
     untrained but with random running statistics and BN parameters so that folding has something to
     fold; the time does not depend on the values) take batches of MNIST-shaped input
     ``(B, 1, 28, 28)``. Batch 1 is timed with 5 calls per sample (it is short).
@@ -315,9 +315,9 @@ def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: 
         networks' outputs on that batch, computed in float64 on the CPU: TF32 convolutions on a GPU
         would hide the folding's own error).
     """
-    from .fold import fold_batchnorm, is_batchnorm
+    from ..fold import fold_batchnorm, is_batchnorm
     from .models import CNN
-    from .train import seed_everything
+    from .training import seed_everything
 
     dev = torch.device(device)
     rows = []
@@ -365,13 +365,13 @@ def bench_training(rounds: int = 5, steps: int = 300, device: Optional[str] = No
     """Training steps/s of Ioffe & Szegedy's MNIST MLP (784-100-100-100-10, sigmoid, batch 60).
 
     Three variants: BN from bnlib, BN from torch.nn, and no BN. Each round trains every variant for
-    ``steps`` SGD updates with :func:`bnlib.train.fit` (the rotation of the order changes each
-    round, as in :func:`bnlib.timing.compare`); the table gives the median over rounds of
+    ``steps`` SGD updates with :func:`bnlib.lab.training.fit` (the rotation of the order changes each
+    round, as in :func:`bnlib.lab.timing.compare`); the table gives the median over rounds of
     :attr:`History.steps_per_s` (evaluation excluded). Uses the real MNIST training set.
     """
     from .data import load_mnist
     from .models import MLP
-    from .train import fit, seed_everything
+    from .training import fit, seed_everything
 
     data = load_mnist()
     variants = {"bnlib BN": "bn", "torch.nn BN": "bn-torch", "no BN": None}
@@ -407,7 +407,7 @@ def bench_figure1(steps: int = 50_000, device: Optional[str] = None,
 
     The setting of the chapter *Why normalize?* (784-100-100-100-10 sigmoid MLP, batch 60, SGD at
     learning rate 0.3, seed 0, test accuracy on the 10,000 test images every 1,000 steps), with BN
-    from bnlib by default (``variants`` maps a label to a ``norm=`` of :class:`bnlib.models.MLP`).
+    from bnlib by default (``variants`` maps a label to a ``norm=`` of :class:`bnlib.lab.models.MLP`).
 
     Returns:
         One dict per variant: ``model``, ``norm``, ``steps``, ``seconds`` (wall time of the whole run,
@@ -417,7 +417,7 @@ def bench_figure1(steps: int = 50_000, device: Optional[str] = None,
     """
     from .data import load_mnist
     from .models import MLP
-    from .train import fit, seed_everything
+    from .training import fit, seed_everything
 
     data = load_mnist()
     variants = variants or {"no BN": None, "BN": "bn"}
@@ -466,7 +466,7 @@ DEFAULT_SECTIONS = ("batchnorm", "bandwidth", "fold", "training")
 def _default_device() -> str:
     """bnlib's device choice (``BNLIB_DEVICE``, then CUDA, MPS, CPU), or the CPU if that fails."""
     try:
-        from .train import device
+        from .training import device
         return str(device())
     except Exception:  # noqa: BLE001 - a benchmark should still run on the CPU
         return "cpu"
@@ -515,7 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     Returns:
         ``{"environment": ..., "seconds": ..., <section name>: rows, ...}``, what ``--json`` writes.
     """
-    parser = argparse.ArgumentParser(prog="python -m bnlib.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bnlib.lab.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=30, help="interleaved repetitions per measurement (default 30)")
     parser.add_argument("--device", default=None, help="device to run on (default: bnlib's choice, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"],
