@@ -1,6 +1,6 @@
 # Batch Normalization book: build, test and refresh the notebooks.
 #   make book     render the book from the stored notebook outputs -> _build/html
-#   make test     unit tests + re-execute every chapter (nbval) + strict build
+#   make test     lint + unit tests + re-execute every chapter (nbval, 2 at once) + strict build
 #                 + browser test of the built pages + Colab-style chapter run
 #   make browser  install Debian's chromium for the browser test (needs root)
 #   make test-book  only the book-level tests (tests_book/) on the current build
@@ -22,13 +22,15 @@ STAMP = $(VENV)/.stamp
 # thread (the small models here run fastest on one, and stored outputs and CI agree).
 NB_ENV = env -u BNLIB_PROGRESS PYTHONHASHSEED=0 OMP_NUM_THREADS=1
 NOTEBOOKS = $(wildcard chapters/*.ipynb)
+# nbval runs this many chapters at once (pytest-xdist, one notebook per worker): one per core.
+NB_JOBS ?= 2
 
 # bash with -e/-o pipefail so that any failing command fails the target.
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
 
-.PHONY: venv data book test test-book browser execute bench device-data device-run clean
+.PHONY: venv data book lint test test-book browser execute bench device-data device-run clean
 
 venv: $(STAMP)
 
@@ -45,13 +47,14 @@ book: $(STAMP) data
 	$(BIN)/jupyter-book build .
 
 test: $(STAMP) data
-	@echo "==> [1/5] bnlib unit tests"
+	@echo "==> [1/5] lint (ruff, configured in pyproject.toml), then the bnlib unit tests"
+	@$(BIN)/ruff check bnlib tests tests_book tools
 	@SECONDS=0; $(NB_ENV) $(PYTHON) -m pytest -q tests; \
 	  echo "==> [1/5] unit tests passed in $${SECONDS}s"
 	@echo "==> [2/5] re-executing chapters with nbval"
 	@SECONDS=0; \
 	if ls chapters/*.ipynb >/dev/null 2>&1; then \
-	  $(NB_ENV) $(PYTHON) -m pytest -q --nbval chapters/ \
+	  $(NB_ENV) $(PYTHON) -m pytest -q --nbval chapters/ -n $(NB_JOBS) --dist loadfile --durations=0 \
 	    --nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout=600; \
 	  echo "==> [2/5] notebooks passed in $${SECONDS}s"; \
 	else \
@@ -87,8 +90,11 @@ execute: $(STAMP) data
 	@if ! ls chapters/*.ipynb >/dev/null 2>&1; then \
 	  echo "no notebooks in chapters/ to execute"; exit 0; fi; \
 	SECONDS=0; \
-	$(NB_ENV) $(BIN)/jupyter-execute --inplace --timeout=900 $(NOTEBOOKS); \
+	printf '%s\n' $(NOTEBOOKS) | $(NB_ENV) xargs -P $(NB_JOBS) -n 1 $(BIN)/jupyter-execute --inplace --timeout=900; \
 	echo "==> executed $(words $(NOTEBOOKS)) notebook(s) in $${SECONDS}s"
+
+lint: $(STAMP)
+	$(BIN)/ruff check bnlib tests tests_book tools
 
 bench: $(STAMP)
 	$(PYTHON) -m bnlib.lab.bench

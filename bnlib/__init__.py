@@ -13,6 +13,7 @@ The package has two parts, visible in its file tree:
   - ``distributed``    ``SyncBatchNorm`` on torch.distributed (gloo on CPU, NCCL on GPU)
   - ``running_stats``  momentum conventions (PyTorch, Keras, Flax) and Precise BN
   - ``fold``           folding BN into the preceding Conv/Linear for inference
+  - ``layers``         which modules count as batch-statistics layers (one definition)
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
   measurements, plots, multi-process launch, benchmarks and their measured records. It is what
@@ -21,7 +22,7 @@ The package has two parts, visible in its file tree:
 
 __version__ = "0.1.0"
 
-from . import functional, reference, running_stats
+from . import functional, layers, reference, running_stats
 from .distributed import SyncBatchNorm
 from .fold import fold_batchnorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -43,6 +44,6 @@ from .variants import (
 __all__ = [
     "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
-    "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "reference",
+    "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "reference",
     "renorm_schedule", "running_stats",
 ]

@@ -15,7 +15,8 @@ on CPU with the ``gloo`` backend and on GPUs with ``nccl`` alike.
 The math (per channel; the communication is one collective in the forward pass and one in the
 backward pass):
 
-**Forward.** Replica :math:`r` computes, in two passes over its data (:func:`torch.var_mean`), its
+**Forward.** Replica :math:`r` computes, in two passes over its data (a shift :math:`K_r` = the plain mean,
+then :func:`torch.var_mean` of :math:`x - K_r`, as :mod:`bnlib.functional` does), its
 count :math:`n_r`, mean :math:`\mu_r` and centred sum of squares
 :math:`M_{2,r} = \sum_{i \in r} (x_i - \mu_r)^2`. One ``all_gather`` gives every replica the table
 :math:`(n_r, \mu_r, M_{2,r})_{r=1..R}`, which each combines identically with Chan et al.'s parallel
@@ -32,6 +33,9 @@ Every term of :math:`M_2` is a sum of non-negative numbers, so nothing cancels: 
 "all-reduce :math:`\sum x` and :math:`\sum x^2`" shortcut (i.e. :math:`E[x^2]-E[x]^2`), this stays
 accurate when :math:`|\mu| \gg \sigma`. The table is exchanged and combined in float64 (it is only
 :math:`R \times (2C+1)` numbers), so counts are exact and the merge adds no rounding of note.
+The output is computed from centred data, :math:`y = ((x - K) - \delta)\,\gamma/\sqrt{\sigma^2+\epsilon}
++ \beta` with :math:`K = \mathrm{fl}(\mu)` and the small :math:`\delta = \mu - K`, not as
+:math:`x\cdot s + (\beta - \mu s)`, where two large terms would cancel.
 
 **Backward.** With :math:`\hat x = (x-\mu)/\sqrt{\sigma^2+\epsilon}` and :math:`g = \partial L /
 \partial y`, the closed form of :mod:`bnlib.functional` needs two sums over the *whole* batch,
@@ -59,7 +63,9 @@ Behaviour at the edges:
 * replicas may hold different numbers of examples, including none at all (an empty ``(0, C, ...)``
   slice contributes :math:`n_r = 0` and still takes part in both collectives); at least two values
   per channel over *all* replicas are needed in training, otherwise every replica raises the same
-  ``ValueError``;
+  ``ValueError`` and ``num_batches_tracked`` does not move; when every slice is empty the output is
+  empty and the running statistics stay as they are (the batch is counted, as torch.nn counts an
+  empty batch);
 * every replica must call the layer the same number of times, and backpropagate through it, as
   with any collective (and as with :class:`torch.nn.SyncBatchNorm`); a replica that raises before
   the collective (e.g. wrong channel count) leaves the others waiting until the process group's
@@ -77,8 +83,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import functional as F
+from . import functional as bnf
 from .functional import _channel_shape, _reduce_dims, _stat_dtype
+from .layers import is_batchnorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "communication_timer"]
@@ -160,18 +167,22 @@ def global_batch_stats(xs: Tensor, process_group, world_size: int):
 
     ``xs`` is this replica's ``(N_r, C, *)`` slice in the statistics dtype. Returns ``(mean, var,
     n)``: two ``(C,)`` tensors in float64 (float32 on MPS) and the total count per channel as a
-    0-dim tensor of the same dtype, identical on every replica. Local statistics by two passes
-    (:func:`torch.var_mean`), one ``all_gather`` of :math:`(n_r, \mu_r, M_{2,r})`, then Chan's
-    combination (see the module docstring). Raises ``ValueError`` on every replica when the whole
-    batch has fewer than two values per channel.
+    0-dim tensor of the same dtype, identical on every replica. Local statistics by the corrected
+    two-pass algorithm of :mod:`bnlib.functional` (shift by the plain mean :math:`K_r`, then
+    :func:`torch.var_mean` of the centred data, so nothing cancels even when :math:`|\mu_r| \gg
+    \sigma_r`), one ``all_gather`` of :math:`(n_r, \mu_r, M_{2,r})`, then Chan's combination (see
+    the module docstring). Raises ``ValueError`` on every replica when the whole batch has exactly
+    one value per channel; an empty whole batch gives ``n = 0`` (and zeros for the statistics).
     """
     C = xs.shape[1]
     n_local = xs.numel() // C
     ex = _exchange_dtype(xs)
     if n_local > 0:
-        var_l, mean_l = torch.var_mean(xs, _reduce_dims(xs), correction=0)  # σ²_r, μ_r (two-pass)
-        m2_l = var_l.to(ex) * n_local  # M2_r = Σ (x − μ_r)²
-        mean_l = mean_l.to(ex)
+        dims = _reduce_dims(xs)
+        shift = xs.mean(dims, keepdim=True)  # K_r ≈ μ_r, the plain mean
+        var_l, delta = torch.var_mean(xs - shift, dims, correction=0)  # σ²_r and δ_r = μ_r − K_r (tiny)
+        mean_l = shift.view(-1).to(ex) + delta.to(ex)  # μ_r = K_r + δ_r
+        m2_l = var_l.to(ex) * n_local  # M2_r = Σ (x − μ_r)² = n_r σ²_r
     else:  # an empty slice: contributes nothing (and var_mean of nothing would be NaN)
         mean_l = m2_l = torch.zeros(C, dtype=ex, device=xs.device)
     packed = torch.cat([torch.full((1,), float(n_local), dtype=ex, device=xs.device), mean_l, m2_l])
@@ -180,23 +191,42 @@ def global_batch_stats(xs: Tensor, process_group, world_size: int):
     table = torch.stack(table)  # (R, 1 + 2C): n_r | μ_r | M2_r
     counts, means, m2s = table[:, :1], table[:, 1:1 + C], table[:, 1 + C:]
     n = counts.sum()
-    if n <= 1:
+    if n == 1:
         raise ValueError(
             f"expected more than 1 value per channel when training, got {int(n)} over all {world_size} "
-            f"replicas (this replica's input has shape {tuple(xs.shape)}): batch statistics need at least "
+            f"replicas (this replica's input has shape {list(xs.shape)}): batch statistics need at least "
             "two values per channel (use eval() for single examples)"
         )
+    if n == 0:  # every slice is empty: nothing to normalize, nothing to learn from
+        zeros = torch.zeros(C, dtype=ex, device=xs.device)
+        return zeros, zeros, n
     mean = (counts * means).sum(0) / n  # μ = Σ n_r μ_r / n
     m2 = (m2s + counts * (means - mean) ** 2).sum(0)  # M2 = Σ [M2_r + n_r (μ_r − μ)²]
     return mean, m2 / n, n
 
 
+def _split_mean(mean: Tensor, dtype: torch.dtype, shape: list[int]) -> tuple[Tensor, Tensor]:
+    r"""The global mean μ (float64) as a shift :math:`K` in ``dtype`` plus the small remainder :math:`\delta = \mu - K`.
+
+    :math:`K` is μ rounded to ``dtype``, so :math:`x - K` is exact for the values near μ (Sterbenz), and
+    :math:`x - \mu = (x - K) - \delta` keeps the digits float32 would lose in :math:`x - \mathrm{fl}(\mu)`
+    (up to half an ulp of μ, e.g. 5e-4 at μ = 1e4).
+    """
+    shift = mean.to(dtype)  # K = fl(μ)
+    delta = (mean - shift.to(mean.dtype)).to(dtype)  # δ = μ − K, tiny
+    return shift.view(shape), delta.view(shape)
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode BN with statistics over every replica: one collective forward, one backward.
+    r"""Training-mode BN with statistics over every replica: one collective forward, one backward.
 
     ``forward(x, weight, bias, eps, process_group, world_size)`` returns ``(y, mean, var, n)``:
     the output, the global per-channel mean and *biased* variance (non-differentiable, in the
     statistics dtype) and the global count per channel (a 0-dim float64 tensor).
+
+    Like :mod:`bnlib.functional`, the output is computed from centred data,
+    :math:`y = ((x - K) - \delta)\,\gamma/\sqrt{\sigma^2+\epsilon} + \beta`, never as
+    :math:`x s + (\beta - \mu s)`, whose two large terms cancel when :math:`|\mu| \gg \sigma`.
     """
 
     @staticmethod
@@ -205,29 +235,32 @@ class SyncBatchNormFunction(torch.autograd.Function):
         shape = _channel_shape(x)
         sd = _stat_dtype(x)
         xs = x.to(sd)
-        mean, var, n = global_batch_stats(xs, process_group, world_size)
-        mean, var = mean.to(sd), var.to(sd)
+        mean64, var64, n = global_batch_stats(xs, process_group, world_size)
+        shift, delta = _split_mean(mean64, sd, shape)  # μ = K + δ
+        var = var64.to(sd)
         rstd = torch.rsqrt(var + eps).view(shape)  # 1 / √(σ² + ε)
         scale = rstd if weight is None else rstd * weight.to(sd).view(shape)  # γ / √(σ² + ε)
-        shift = -mean.view(shape) * scale  # β − γ μ / √(σ² + ε)
-        if bias is not None:
-            shift = shift + bias.to(sd).view(shape)
-        y = torch.addcmul(shift, xs, scale)  # y = γ x̂ + β
+        xc = (xs - shift).sub_(delta)  # x − μ = (x − K) − δ: small numbers, nothing cancels
+        if bias is None:
+            y = xc.mul_(scale)  # γ (x − μ) / √(σ² + ε)
+        else:
+            y = torch.addcmul(bias.to(sd).view(shape), xc, scale)  # γ (x − μ) / √(σ² + ε) + β
         ctx.process_group, ctx.world_size = process_group, world_size
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean.view(shape), rstd, n)
+        ctx.save_for_backward(x, weight, shift, delta, rstd, n)
+        mean = mean64.to(sd)
         ctx.mark_non_differentiable(mean, var, n)
         return y.to(x.dtype), mean, var, n
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor, _dmean, _dvar, _dn):
-        x, weight, mean, rstd, n = ctx.saved_tensors
+        x, weight, shift, delta, rstd, n = ctx.saved_tensors
         dims, shape = _reduce_dims(x), _channel_shape(x)
         C = x.shape[1]
         xs = x.to(_stat_dtype(x))
         g = dy.to(xs.dtype)
-        xhat = (xs - mean) * rstd  # x̂ with the global statistics
+        xhat = (xs - shift).sub_(delta).mul_(rstd)  # x̂ = ((x − K) − δ) / √(σ² + ε), global statistics
         sum_g = g.sum(dims)  # local Σ g      = this replica's ∂L/∂β
         sum_gx = (g * xhat).sum(dims)  # local Σ g x̂ = this replica's ∂L/∂γ
         dx = dweight = dbias = None
@@ -251,17 +284,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 def _is_convertible(module: nn.Module) -> bool:
-    """torch.nn's BatchNorm*d / SyncBatchNorm / LazyBatchNorm*d, and bnlib's plain BatchNorm*d.
+    """A batch-statistics layer (:func:`bnlib.layers.is_batchnorm`) that is plain BatchNorm: torch.nn's
+    BatchNorm*d / SyncBatchNorm / LazyBatchNorm*d and bnlib's exact BatchNorm1d/2d/3d.
 
-    bnlib's variants (e.g. Batch Renormalization) may subclass bnlib's BatchNorm classes but have
-    other semantics, so only the exact bnlib classes are converted. Instance norms are never
-    BatchNorm subclasses, in torch.nn or in bnlib.
+    bnlib's variants (Batch Renormalization, Ghost BN, Batch Layer Norm) subclass bnlib's BatchNorm but
+    normalize differently, so they are left alone, and so is a bnlib SyncBatchNorm (already converted).
     """
-    if isinstance(module, SyncBatchNorm):
+    if not is_batchnorm(module) or isinstance(module, SyncBatchNorm):
         return False
-    if type(module) in (BatchNorm1d, BatchNorm2d, BatchNorm3d):
-        return True
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in (BatchNorm1d, BatchNorm2d,
+                                                                                    BatchNorm3d)
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -306,12 +338,15 @@ class SyncBatchNorm(_BatchNorm):
         self._check_num_channels(input)
         # Local checks only; "at least two values per channel" needs the global count and is
         # checked (identically on every replica) after the forward collective.
-        F.check_bn_input(input, False, weight=self.weight, bias=self.bias,
-                         running_mean=self.running_mean, running_var=self.running_var)
-        momentum = self._momentum_for_this_batch()
+        bnf.check_bn_input(input, False, weight=self.weight, bias=self.bias,
+                           running_mean=self.running_mean, running_var=self.running_var)
+        if not self.eps > 0:  # as in training mode without a process group (a constant channel gives 0/0)
+            raise ValueError(f"batch_norm eps must be positive during training, got {self.eps}")
         y, mean, var, n = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps,
                                                       self.process_group, world_size)
-        if self.track_running_stats:
+        # Counted only now: a forward that raised (e.g. one value per channel over all replicas) is no batch.
+        momentum = self._momentum_for_this_batch()
+        if self.track_running_stats and n > 0:  # an empty global batch leaves the statistics alone
             with torch.no_grad():
                 unbiased = var * (n / (n - 1)).to(var.dtype)  # global n/(n−1) · σ²
                 self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)

@@ -88,10 +88,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.fx as fx
 from torch import nn
+
+from .layers import BATCH_NORM_TYPES, is_batchnorm
+from .variants import BatchLayerNorm
 
 __all__ = [
     "FoldError",
@@ -129,33 +132,15 @@ class FoldReport:
     """What ``fold_batchnorm`` did: folded pairs, skipped BNs with reasons, method."""
 
     method: str
-    folded: List[Tuple[str, str]] = field(default_factory=list)
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- helpers
 
-def _bn_types() -> tuple:
-    types = [nn.modules.batchnorm._BatchNorm]
-    try:  # imported lazily: bnlib.modules may import this module, or not exist yet
-        from bnlib import modules as _bm  # noqa: WPS433
-        base = getattr(_bm, "_BatchNorm", None)
-        if isinstance(base, type):
-            types.append(base)
-    except Exception:  # missing, or broken mid-edit: torch.nn BNs still work
-        pass
-    return tuple(types)
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """True for torch.nn BatchNorm layers (incl. SyncBatchNorm) and bnlib's."""
-    return isinstance(module, _bn_types())
-
-
 def count_batchnorms(model: nn.Module) -> int:
     """Number of distinct BatchNorm modules in ``model`` (including itself)."""
-    types = _bn_types()
-    return sum(1 for m in model.modules() if isinstance(m, types))
+    return sum(1 for m in model.modules() if is_batchnorm(m))
 
 
 def _name(qualname: str) -> str:
@@ -166,7 +151,7 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _layer_problem(layer: nn.Module) -> Optional[str]:
+def _layer_problem(layer: nn.Module) -> str | None:
     if not isinstance(layer, _FOLDABLE_TYPES):
         return f"its input comes from a {type(layer).__name__}, not a Conv/ConvTranspose/Linear"
     if type(layer).forward not in _FOLDABLE_FORWARDS:
@@ -178,13 +163,20 @@ def _layer_problem(layer: nn.Module) -> Optional[str]:
     return None
 
 
-def _bn_problem(bn: nn.Module) -> Optional[str]:
+def _bn_problem(bn: nn.Module) -> str | None:
     if not getattr(bn, "track_running_stats", False) or bn.running_mean is None \
             or bn.running_var is None:
         return ("track_running_stats=False: it normalizes with batch statistics "
                 "even in eval mode, so it is not an affine map")
     if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
         return "it is uninitialized (lazy)"
+    if isinstance(bn, BatchLayerNorm):
+        return ("it is a BatchLayerNorm: its per-example (layer-norm) half makes the eval-mode output "
+                "depend on each example, so it is not an affine map")
+    var = bn.running_var.detach()
+    if not bool(torch.isfinite(var).all()) or bool((var < 0).any()) or not bool(torch.isfinite(bn.running_mean).all()):
+        return ("its running_var/running_mean holds NaN, Inf or negative values: folding would give "
+                "non-finite weights (recompute the statistics, e.g. with bnlib.running_stats.precise_bn)")
     if _has_hooks(bn):
         return "it has forward hooks"
     return None
@@ -240,20 +232,18 @@ def _set_module(root: nn.Module, qualname: str, new: nn.Module) -> None:
 
 # --------------------------------------------------------------------- detection
 
-def _pairs_fx(model: nn.Module, names: Dict[int, str]):
+def _pairs_fx(model: nn.Module, names: dict[int, str]):
     """Return (pairs, skipped) using torch.fx; raises if the model is not traceable."""
-    import torch.fx as fx
-
-    bn_types = _bn_types()
+    bn_types = BATCH_NORM_TYPES
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m, qualname):  # noqa: D401
-            return isinstance(m, bn_types) or isinstance(m, _FOLDABLE_TYPES) \
+            return isinstance(m, (bn_types, _FOLDABLE_TYPES)) \
                 or super().is_leaf_module(m, qualname)
 
     graph = _Tracer().trace(model)
 
-    calls: Dict[int, int] = {}
+    calls: dict[int, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             m = model.get_submodule(node.target)
@@ -299,9 +289,9 @@ def _pairs_fx(model: nn.Module, names: Dict[int, str]):
     return pairs, skipped
 
 
-def _pairs_sequential(model: nn.Module, names: Dict[int, str], why: str):
-    bn_types = _bn_types()
-    refs: Dict[int, int] = {}
+def _pairs_sequential(model: nn.Module, names: dict[int, str], why: str):
+    bn_types = BATCH_NORM_TYPES
+    refs: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         refs[id(m)] = refs.get(id(m), 0) + 1
 
@@ -338,7 +328,7 @@ def _pairs_sequential(model: nn.Module, names: Dict[int, str], why: str):
 # ---------------------------------------------------------------------- public API
 
 def fold_batchnorm_with_report(model: nn.Module, strict: bool = True,
-                               method: str = "auto") -> Tuple[nn.Module, FoldReport]:
+                               method: str = "auto") -> tuple[nn.Module, FoldReport]:
     """Like :func:`fold_batchnorm` but returns ``(folded_model, report)``."""
     if method not in ("auto", "fx", "sequential"):
         raise ValueError(f"method must be 'auto', 'fx' or 'sequential', got {method!r}")
@@ -368,7 +358,7 @@ def fold_batchnorm_with_report(model: nn.Module, strict: bool = True,
                         f"(detection: {used}); pass strict=False to leave them in place:\n"
                         f"{lines}")
 
-    all_names: Dict[int, List[str]] = {}
+    all_names: dict[int, list[str]] = {}
     for qn, m in folded.named_modules(remove_duplicate=False):
         all_names.setdefault(id(m), []).append(qn)
     for layer, bn in pairs:

@@ -4,13 +4,18 @@ Built like PyTorch's ``torch/nn/modules/batchnorm.py`` (chapter *The algorithm* 
 
 * :class:`_NormBase` owns the parameters (``weight`` = γ, ``bias`` = β), the buffers
   (``running_mean``, ``running_var``, ``num_batches_tracked``) and their initialisation;
-* :class:`_BatchNorm` owns the running-statistics logic and calls :func:`bnlib.functional.batch_norm`;
+* :class:`_BatchNorm` owns the running-statistics logic: it checks its input once (dimensions, channels, then
+  :func:`bnlib.functional._check_batch`) and calls the unchecked :func:`bnlib.functional._batch_norm`;
 * the subclasses only check the number of input dimensions.
 
 Parameter and buffer names, constructor arguments and defaults are torch.nn's, so a ``state_dict``
 loads both ways, and the outputs, gradients and running statistics agree with torch.nn to float
 tolerance for every combination of ``affine``, ``track_running_stats``, ``momentum`` (including
-``None``: a cumulative average) and train/eval mode.
+``None``: a cumulative average) and train/eval mode. As in torch.nn, ``eps`` is checked by the forward (positive
+in training, non-negative in evaluation), an empty batch in training still counts in ``num_batches_tracked``, and
+``torch.jit.script`` compiles the layers (the forward then runs :func:`bnlib.functional._autograd_forward`, since
+TorchScript cannot compile a Python ``autograd.Function``). One difference: a forward that raises does not count
+its batch (torch.nn counts it before checking).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional as bnf
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -49,8 +54,6 @@ class _NormBase(nn.Module):
             raise ValueError(f"expected num_features to be a positive int, got {num_features!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"expected momentum in [0, 1] or None, got {momentum!r}")
-        if eps < 0:
-            raise ValueError(f"expected eps >= 0, got {eps!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -97,9 +100,10 @@ class _NormBase(nn.Module):
 
     def _check_num_channels(self, input: Tensor) -> None:
         if input.dim() >= 2 and input.shape[1] != self.num_features:
+            name = "layer" if torch.jit.is_scripting() else type(self).__name__  # TorchScript has no type()
             raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expected input with {self.num_features} channels "
-                f"in dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
+                f"{name}({self.num_features}) expected input with {self.num_features} channels "
+                f"in dim 1, got {input.shape[1]} (input shape {list(input.shape)})"
             )
 
     def extra_repr(self) -> str:
@@ -125,23 +129,24 @@ class _BatchNorm(_NormBase):
 
     def _momentum_for_this_batch(self) -> float:
         """Count the batch and return the weight it gets in the running averages."""
-        if not (self.training and self.track_running_stats):
-            return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative average: the n-th batch gets weight 1/n
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average: the n-th batch gets weight 1/n
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return momentum
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        self._check_num_channels(input)
         # Batch statistics in training, and always when no running statistics are kept.
         use_batch_stats = self.training or self.running_mean is None
-        F.check_bn_input(input, use_batch_stats)
+        # The one validation of this forward: dimensions, channels, dtype, values per channel, eps.
+        self._check_input_dim(input)
+        self._check_num_channels(input)
+        bnf._check_batch(input, use_batch_stats, self.eps)
         momentum = self._momentum_for_this_batch()
         # Running statistics are updated only in training mode with track_running_stats=True.
         keep = not self.training or self.track_running_stats
-        return F.batch_norm(
+        return bnf._batch_norm(
             input,
             self.running_mean if keep else None,
             self.running_var if keep else None,
@@ -163,7 +168,7 @@ class BatchNorm1d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (2, 3):
             raise ValueError(f"BatchNorm1d expected 2D (N, C) or 3D (N, C, L) input, got {input.dim()}D input "
-                             f"of shape {tuple(input.shape)}")
+                             f"of shape {list(input.shape)}")
 
 
 class BatchNorm2d(_BatchNorm):
@@ -175,7 +180,7 @@ class BatchNorm2d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"BatchNorm2d expected 4D (N, C, H, W) input, got {input.dim()}D input "
-                             f"of shape {tuple(input.shape)}")
+                             f"of shape {list(input.shape)}")
 
 
 class BatchNorm3d(_BatchNorm):
@@ -187,4 +192,4 @@ class BatchNorm3d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
             raise ValueError(f"BatchNorm3d expected 5D (N, C, D, H, W) input, got {input.dim()}D input "
-                             f"of shape {tuple(input.shape)}")
+                             f"of shape {list(input.shape)}")

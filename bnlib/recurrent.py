@@ -9,8 +9,6 @@ inputs; the network that uses it is :class:`bnlib.lab.sequences.NormRNN`.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -53,7 +51,7 @@ class StepBatchNorm(nn.Module):
         tracked = self.steps_tracked[: s + 1].nonzero()
         return int(tracked[-1]) if len(tracked) else s
 
-    def forward(self, x: Tensor, t: int, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: int, mask: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"StepBatchNorm expected (N, {self.num_features}) input, got {tuple(x.shape)}")
         rows = x[mask] if (self.masked and mask is not None) else x

@@ -22,10 +22,12 @@ and they disagree on what "momentum" means. The chapter *The algorithm*
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple, Union
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from .layers import is_batchnorm
 
 __all__ = [
     "CONVENTIONS",
@@ -42,7 +44,7 @@ __all__ = [
 #: What each framework calls momentum, its defaults, and the variance it keeps (checked in the chapter).
 #: ``momentum_weights``: ``'new'`` if momentum is the weight of the new batch statistic, ``'old'`` if it
 #: is the weight of the old running value.
-CONVENTIONS: Dict[str, dict] = {
+CONVENTIONS: dict[str, dict] = {
     "torch": dict(name="PyTorch (torch.nn.BatchNorm*d)", momentum_weights="new", momentum=0.1, eps=1e-5,
                   running_var="unbiased", mode_switch="module.train() / module.eval()",
                   source="torch.nn.modules.batchnorm"),
@@ -104,7 +106,7 @@ def ema_update(running: Tensor, batch: Tensor, momentum: float, convention: str 
         return running.mul_(1.0 - w_new).add_(batch.to(running.dtype), alpha=w_new)
 
 
-def _batch_moments(x: Tensor) -> Tuple[Tensor, Tensor, int]:
+def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and biased variance of ``x`` (N, C, *) (two-pass), and the count m."""
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x, dim=dims, correction=0)
@@ -142,10 +144,10 @@ class ChannelMoments:
 
     def __init__(self) -> None:
         self.n = 0
-        self.mean: Optional[Tensor] = None
-        self.m2: Optional[Tensor] = None
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
 
-    def update(self, x: Tensor) -> "ChannelMoments":
+    def update(self, x: Tensor) -> ChannelMoments:
         """Add a batch ``x`` of shape (N, C, *); statistics per channel (dim 1)."""
         x = x.detach().to(torch.float64)
         mean_b, var_b, n_b = _batch_moments(x)
@@ -167,18 +169,13 @@ class ChannelMoments:
         return self.m2 / (self.n - 1 if unbiased else self.n)
 
 
-def _bn_types() -> tuple:
-    from .modules import _BatchNorm
-    return (nn.modules.batchnorm._BatchNorm, _BatchNorm)
-
-
-def batchnorm_layers(model: nn.Module) -> Dict[str, nn.Module]:
+def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every batch-norm layer of ``model`` (torch.nn's and bnlib's) that keeps running statistics."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, _bn_types()) and getattr(m, "running_mean", None) is not None}
+            if is_batchnorm(m) and getattr(m, "running_mean", None) is not None}
 
 
-def _batches(x, batch_size: int, num_batches: Optional[int]) -> Iterable[Tensor]:
+def _batches(x, batch_size: int, num_batches: int | None) -> Iterable[Tensor]:
     if isinstance(x, Tensor):
         starts = range(0, len(x), batch_size)
         for i, s in enumerate(starts):
@@ -200,8 +197,8 @@ def _recorder(stats: ChannelMoments):
 
 
 @torch.no_grad()
-def recompute_bn_stats(model: nn.Module, x: Union[Tensor, Iterable], batch_size: int = 256,
-                       num_batches: Optional[int] = None) -> Dict[str, ChannelMoments]:
+def recompute_bn_stats(model: nn.Module, x: Tensor | Iterable, batch_size: int = 256,
+                       num_batches: int | None = None) -> dict[str, ChannelMoments]:
     """Precise BN (Wu & Johnson, 2021): replace every BN layer's EMA statistics by exact ones.
 
     The model is frozen (``torch.no_grad``, no parameter changes). Its BN layers run in training mode,

@@ -29,12 +29,13 @@ statistics and the output is cast back to the input's dtype, and nothing assumes
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
+from . import functional as bnf
 from .functional import _LOW_PRECISION, _channel_shape, _reduce_dims
 from .modules import _BatchNorm, _NormBase
 
@@ -68,6 +69,11 @@ def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Seq
     if bias is not None:
         xhat = xhat + bias.to(xhat.dtype).view(shape)
     return xhat
+
+
+def _empty_output(module: nn.Module, input: Tensor) -> Tensor:
+    """The training output for an empty batch: empty, in the graph of γ and β (gradient 0), no statistics."""
+    return _affine(_stats_input(input) * 0.0, module.weight, module.bias, _channel_shape(input)).to(input.dtype)
 
 
 def _ema_(running: Tensor, new: Tensor, momentum: float) -> None:
@@ -171,10 +177,11 @@ class GroupNorm(nn.Module):
         eps: ε added to the variance. Default: 1e-5.
         affine: learn per-channel ``weight`` (γ, init 1) and ``bias`` (β, init 0).
         device, dtype: where and in which dtype to create the parameters.
+        bias: keyword-only; with ``affine=True`` and ``bias=False`` only γ is learned (torch.nn 2.13).
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
         if num_groups < 1 or num_channels < 1:
             raise ValueError(f"expected positive num_groups and num_channels, got {num_groups} and {num_channels}")
@@ -185,7 +192,10 @@ class GroupNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -194,7 +204,8 @@ class GroupNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         _check_tensor(self, input)
@@ -205,13 +216,15 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm expected {self.num_channels} channels in dim 1, got {input.shape[1]} "
                              f"(input shape {tuple(input.shape)})")
         xs = _stats_input(input)
-        groups = xs.reshape(input.shape[0], self.num_groups, -1)  # (N, G, C/G · ∏spatial)
+        per_group = (self.num_channels // self.num_groups) * math.prod(input.shape[2:])  # explicit: N may be 0
+        groups = xs.reshape(input.shape[0], self.num_groups, per_group)  # (N, G, C/G · ∏spatial)
         var, mean = torch.var_mean(groups, -1, correction=0, keepdim=True)  # μ_ng, σ²_ng (biased)
         xhat = ((groups - mean) * torch.rsqrt(var + self.eps)).reshape(input.shape)  # (x − μ_ng)/√(σ²_ng + ε)
         return _affine(xhat, self.weight, self.bias, _channel_shape(input)).to(input.dtype)  # γ_c x̂ + β_c
 
     def extra_repr(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")
 
 
 class _InstanceNorm(_NormBase):
@@ -231,8 +244,8 @@ class _InstanceNorm(_NormBase):
     _layout = ""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
     def forward(self, input: Tensor) -> Tensor:
         _check_tensor(self, input)
@@ -245,11 +258,14 @@ class _InstanceNorm(_NormBase):
         if x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels "
                              f"in dim {0 if unbatched else 1}, got {x.shape[1]} (input shape {tuple(input.shape)})")
+        if x.numel() == 0:  # an empty batch (N = 0 or no spatial positions): empty output, running stats untouched
+            y = _empty_output(self, x)
+            return y.squeeze(0) if unbatched else y
         shape, dims = _channel_shape(x), list(range(2, x.dim()))
         xs = _stats_input(x)
         if self.training or not self.track_running_stats:
             L = math.prod(x.shape[2:])
-            if L <= 1:
+            if L == 1:
                 raise ValueError(f"{type(self).__name__} expected more than 1 spatial element per channel "
                                  f"to compute instance statistics, got input of shape {tuple(input.shape)}")
             var, mean = torch.var_mean(xs, dims, correction=0, keepdim=True)  # μ_nc, σ²_nc over space
@@ -333,7 +349,9 @@ class _BatchRenorm(_DimCheck, _BatchNorm):
         self._check_num_channels(input)
         if not self.training:
             return super().forward(input)  # evaluation: exactly BN with the running statistics
-        F.check_bn_input(input, True)
+        if input.numel() == 0:  # an empty batch: empty output, running statistics (and the count) untouched
+            return _empty_output(self, input)
+        bnf.check_bn_input(input, True)
         momentum = self._momentum_for_this_batch()
         dims, shape = _reduce_dims(input), _channel_shape(input)
         xs = _stats_input(input)
@@ -465,7 +483,9 @@ class _GhostBatchNorm(_DimCheck, _BatchNorm):
         self._check_num_channels(input)
         if not (self.training or self.running_mean is None):
             return super().forward(input)  # evaluation: BN with the running statistics
-        F.check_bn_input(input, False)
+        if input.numel() == 0:  # an empty batch: empty output, running statistics (and the count) untouched
+            return _empty_output(self, input)
+        bnf.check_bn_input(input, False)
         n, vbs = input.shape[0], self.virtual_batch_size
         if n % vbs != 0:
             raise ValueError(f"{type(self).__name__}: virtual_batch_size={vbs} does not divide the batch size {n} "
@@ -614,7 +634,7 @@ class BatchLayerNorm(_DimCheck, _BatchNorm):
         self._check_input_dim(input)
         self._check_num_channels(input)
         use_batch_stats = self.training or self.running_mean is None
-        F.check_bn_input(input, use_batch_stats)
+        bnf.check_bn_input(input, use_batch_stats)
         shape, n = _channel_shape(input), input.shape[0]
         xs = _stats_input(input)
         if use_batch_stats:

@@ -1,7 +1,14 @@
-"""Shared pytest fixtures for bnlib's unit tests."""
+"""Shared pytest fixtures and markers for bnlib's unit tests."""
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Register the markers, so that ``-m "not mnist"`` selects the offline tests and typos are caught."""
+    config.addinivalue_line(
+        "markers", "mnist: loads the real MNIST (downloads it when not cached); deselect with -m 'not mnist'"
+    )
 
 
 @pytest.fixture(autouse=True)

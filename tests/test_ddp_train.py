@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bnlib.lab import launch as ddp_train, models
+from bnlib.lab import launch as ddp_train
+from bnlib.lab import models
 from bnlib.lab.launch import _build_model
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

@@ -9,14 +9,15 @@ PyTorch's ``meta`` device, which holds shapes but no data, so running the layers
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import bnlib
 from bnlib import functional as BF
-from bnlib import running_stats, variants as V
-from bnlib.lab import landscape, models, probes, sequences as sequence
+from bnlib import running_stats
+from bnlib import variants as V
 from bnlib.distributed import SyncBatchNorm
 from bnlib.fold import fold_batchnorm
+from bnlib.lab import landscape, models, probes
+from bnlib.lab import sequences as sequence
 from bnlib.lab.training import evaluate, fit
 
 META = torch.device("meta")
@@ -110,14 +111,12 @@ def test_training_helpers_on_device(device):
                        norm=landscape.noisy_norm("bn", shift_std=0.1))
     data = _tiny_data()
     pct = probes.PercentileProbe(model.hidden[0].norm, unit=0, active=False)
-    hist_p = probes.HistogramProbe(model.hidden[0].norm, bins=5, range=None, active=False)
-    grads = probes.GradNormProbe(model, active=False)
     rec = landscape.LandscapeRecorder(F.cross_entropy, (data[0][0][:16], data[0][1][:16]), [0.1, 1.0])
     h = fit(model, data, steps=6, batch_size=8, lr=0.1, eval_every=3, device=device,
-            probes=[pct, hist_p, grads], probe_every=3, callback=rec, callback_every=3, progress=False)
+            probes=[pct], probe_every=3, callback=rec, callback_every=3, progress=False)
     dev = torch.device(device)
     assert next(model.parameters()).device.type == dev.type
-    assert h.test_step == [0, 3, 6] and len(pct.steps) == len(hist_p.steps) == len(grads.to_dict()["steps"]) == 2
+    assert h.test_step == [0, 3, 6] and len(pct.steps) == 2
     assert len(rec.results) == 3
     # Inputs on the CPU, model on the device.
     assert 0.0 <= evaluate(model, *data[1]) <= 1.0

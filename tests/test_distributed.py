@@ -8,7 +8,6 @@ process group and on the joins turn a deadlock into a failure instead of a hung 
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 import traceback
@@ -59,6 +58,13 @@ def _full_batch(name, step):
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 0.5 + 100.0
     w = torch.randn(shape, generator=g, dtype=torch.float64)
     return x, w
+
+
+def _offset_batch():
+    """16 examples of 1e4 + noise (σ ≈ 1) and an upstream gradient, float32 values held in float64."""
+    g = _gen("offset")
+    x = torch.randn(16, 3, 4, generator=g, dtype=torch.float64) + 1e4
+    return x.float().double(), torch.randn(16, 3, 4, generator=g, dtype=torch.float64).float().double()
 
 
 def _rank_slice(t, splits, rank):
@@ -167,6 +173,19 @@ def _worker(rank, port, outdir):
             res["too_few"] = None
         except ValueError as e:
             res["too_few"] = str(e)
+        res["too_few_nbt"] = int(layer.num_batches_tracked)  # a forward that raised counts no batch
+
+        # float32 with a large offset: compared with float64 BatchNorm on the concatenated batch.
+        x32 = _offset_batch()[0][8 * rank:8 * (rank + 1)].float().requires_grad_()
+        f32 = SyncBatchNorm(3)
+        y32 = f32(x32)
+        (y32 * _offset_batch()[1][8 * rank:8 * (rank + 1)].float()).sum().backward()
+        res["offset_f32"] = (y32.detach(), x32.grad, f32.running_mean.clone(), f32.running_var.clone())
+
+        # Every slice empty: an empty output, running statistics untouched.
+        empty = SyncBatchNorm(3)
+        res["all_empty"] = (empty(torch.randn(0, 3, 2)).shape, empty.running_mean.clone(),
+                            empty.running_var.clone(), int(empty.num_batches_tracked))
         # ... but 1 value on each rank is 2 overall: fine.
         y = layer(torch.tensor([[1.0, 2.0, 3.0]]) * (rank + 1))
         res["one_each"] = (y.detach(), layer.running_mean.clone(), layer.running_var.clone())
@@ -266,6 +285,43 @@ def test_too_few_values_over_all_ranks_raises_on_every_rank(ranks):
     for r in range(WORLD):
         assert ranks[r]["too_few"] is not None and "more than 1 value per channel" in ranks[r]["too_few"]
         assert "over all 2 replicas" in ranks[r]["too_few"]
+
+
+def test_failed_forward_does_not_count_a_batch(ranks):
+    for r in range(WORLD):
+        assert ranks[r]["too_few_nbt"] == 0
+
+
+def test_float32_large_offset_matches_float64(ranks):
+    """y = x·s + (β − μ·s) loses ~1e-3 at |μ| = 1e4 in float32; the centred form keeps ~1e-6."""
+    x, w = _offset_batch()
+    ref = nn.BatchNorm1d(3).double()
+    xr = x.clone().requires_grad_()
+    y = ref(xr)
+    (y * w).sum().backward()
+    for r in range(WORLD):
+        y_r, g_r, rm, rv = ranks[r]["offset_f32"]
+        sl = slice(8 * r, 8 * (r + 1))
+        torch.testing.assert_close(y_r.double(), y[sl].detach(), rtol=0, atol=2e-5)
+        torch.testing.assert_close(g_r.double(), xr.grad[sl], rtol=0, atol=5e-5)
+        torch.testing.assert_close(rm.double(), ref.running_mean, rtol=1e-7, atol=0)
+        torch.testing.assert_close(rv.double(), ref.running_var, rtol=1e-4, atol=0)
+
+
+def test_float32_large_offset_without_process_group_matches_float64():
+    x, _ = _offset_batch()
+    y = SyncBatchNorm(3)(x.float())
+    torch.testing.assert_close(y.double(), nn.BatchNorm1d(3).double()(x).detach(), rtol=0, atol=2e-5)
+
+
+def test_all_ranks_empty_gives_empty_output(ranks):
+    ref = bnlib.BatchNorm1d(3)  # what one process does with an empty batch (torch.nn's behaviour)
+    ref(torch.randn(0, 3, 2))
+    for r in range(WORLD):
+        shape, rm, rv, nbt = ranks[r]["all_empty"]
+        assert shape == (0, 3, 2)
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+        assert nbt == int(ref.num_batches_tracked)
 
 
 def test_one_value_per_rank_is_enough(ranks):

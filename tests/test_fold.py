@@ -3,8 +3,15 @@ import pytest
 import torch
 from torch import nn
 
-from bnlib.fold import (FoldError, count_batchnorms, fold_batchnorm,
-                        fold_batchnorm_with_report, fold_report, is_batchnorm)
+from bnlib import BatchLayerNorm
+from bnlib.fold import (
+    FoldError,
+    count_batchnorms,
+    fold_batchnorm,
+    fold_batchnorm_with_report,
+    fold_report,
+    is_batchnorm,
+)
 
 TOL = 1e-5
 FAMILIES = ["torch", "bnlib"]
@@ -361,3 +368,18 @@ def test_bnlib_batchnorm_detected():
     bn = bm.BatchNorm2d(3)
     assert is_batchnorm(bn) and isinstance(bn, bm._BatchNorm)
     assert count_batchnorms(nn.Sequential(nn.Conv2d(3, 3, 1), bn)) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
+def test_nan_or_negative_running_var_is_refused_by_name(bad):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_var[2] = bad
+    with pytest.raises(FoldError, match=r"1: its running_var"):
+        fold_batchnorm(model)
+
+
+def test_batch_layer_norm_is_not_folded():
+    model = nn.Sequential(nn.Linear(3, 4), BatchLayerNorm(4)).eval()
+    with pytest.raises(FoldError, match="BatchLayerNorm"):
+        fold_batchnorm(model)

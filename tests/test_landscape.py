@@ -7,6 +7,7 @@ from torch import nn
 
 from bnlib.lab.landscape import LandscapeRecorder, NoisyShift, loss_landscape, noisy_norm
 from bnlib.lab.models import MLP
+from bnlib.lab.training import fit, seed_everything
 
 
 class Quadratic(nn.Module):
@@ -75,7 +76,6 @@ def test_grad_none_stays_none():
 
 
 def test_recorder_as_fit_callback_does_not_change_training():
-    from bnlib.lab.training import fit, seed_everything
     g = torch.Generator().manual_seed(0)
     xtr, ytr = torch.rand(600, 1, 28, 28, generator=g), torch.randint(0, 10, (600,), generator=g)
     data = ((xtr, ytr), (xtr[:100], ytr[:100]))

@@ -1,11 +1,13 @@
 """Tests of bnlib.lab.models: every model with every normalization, and the layer details."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 
-from bnlib import modules
-from bnlib.lab.models import CNN, GN_GROUPS, MLP, NORM_NAMES, ResNet, make_norm
+from bnlib import modules, variants
+from bnlib.lab.models import CNN, MLP, NORM_NAMES, ResNet, make_norm
 
 NAMES_1D = [None, "none", "bn", "bn-torch", "ln", "gn", "brn", "bln"]
 NAMES_2D = NAMES_1D + ["in"]
@@ -25,14 +27,8 @@ def check_forward_backward(model, x, num_classes=10):
         assert torch.isfinite(model(x[:1])).all()
 
 
-def ghost1d(c):
-    from bnlib.variants import GhostBatchNorm1d
-    return GhostBatchNorm1d(c, virtual_batch_size=3)
-
-
-def ghost2d(c):
-    from bnlib.variants import GhostBatchNorm2d
-    return GhostBatchNorm2d(c, virtual_batch_size=2)
+ghost1d = functools.partial(variants.GhostBatchNorm1d, virtual_batch_size=3)
+ghost2d = functools.partial(variants.GhostBatchNorm2d, virtual_batch_size=2)
 
 
 @pytest.mark.parametrize("norm", NAMES_1D + [ghost1d])
@@ -60,18 +56,43 @@ def test_make_norm_builds_bnlib_layers():
     assert type(make_norm("bn", 6, "2d")) is modules.BatchNorm2d
     assert type(make_norm("BN-torch", 6, "2d")) is nn.BatchNorm2d
     assert isinstance(make_norm(None, 6, "2d"), nn.Identity)
-    from bnlib import variants
     assert isinstance(make_norm("ln", 6, "1d"), variants.LayerNorm)
     ln2d = make_norm("ln", 6, "2d")
     assert isinstance(ln2d, variants.GroupNorm) and ln2d.num_groups == 1
-    for c in (4, 6, 12, 32, 100):
-        gn = make_norm("gn", c, "2d")
-        assert gn.num_groups <= GN_GROUPS and c % gn.num_groups == 0
+    # the largest divisor of C that is at most 8
+    assert [make_norm("gn", c, "2d").num_groups for c in (4, 6, 12, 32, 100, 7)] == [4, 6, 6, 8, 5, 7]
     assert isinstance(make_norm("in", 6, "2d"), variants.InstanceNorm2d)
     assert isinstance(make_norm("brn", 6, "1d"), variants.BatchRenorm1d)
     assert isinstance(make_norm("brn", 6, "2d"), variants.BatchRenorm2d)
     assert isinstance(make_norm("bln", 6, "2d"), variants.BatchLayerNorm)
     assert isinstance(make_norm(ghost2d, 6, "2d"), variants.GhostBatchNorm2d)
+
+
+def test_make_norm_forwards_keyword_arguments():
+    bn = make_norm("bn", 64, kind="2d", momentum=0.01, eps=1e-3)
+    assert type(bn) is modules.BatchNorm2d and bn.momentum == 0.01 and bn.eps == 1e-3
+    assert make_norm("bn-torch", 5, momentum=None).momentum is None
+    assert make_norm("bn", 5, affine=False).weight is None
+    assert make_norm("gn", 12, "2d", num_groups=3).num_groups == 3      # instead of the default 6
+    assert make_norm("gn", 12, "2d", num_groups=4, eps=1e-2).eps == 1e-2
+    assert make_norm("ln", 6, "2d", eps=1e-3).eps == 1e-3 and make_norm("ln", 6, eps=1e-3).eps == 1e-3
+    assert make_norm("in", 6, "2d").affine and not make_norm("in", 6, "2d", affine=False).affine
+    assert make_norm("brn", 6, momentum=0.1).momentum == 0.1
+    assert make_norm(ghost2d, 6, "2d", momentum=0.2).momentum == 0.2     # to a callable too
+    assert isinstance(make_norm("none", 6, momentum=0.1), nn.Identity)
+    with pytest.raises(TypeError):
+        make_norm("gn", 12, "2d", momentum=0.1)                          # GroupNorm has no momentum
+
+
+def test_models_take_a_partial_of_make_norm():
+    norm = functools.partial(make_norm, "bn", kind="2d", momentum=0.01, eps=1e-3)
+    model = CNN(channels=(4, 8), norm=norm)
+    layers = [b.norm for b in model.blocks]
+    assert all(type(m) is modules.BatchNorm2d and m.momentum == 0.01 and m.eps == 1e-3 for m in layers)
+    assert [m.num_features for m in layers] == [4, 8]
+    # a callable norm counts as a normalization: the conv before it drops its bias
+    assert all(b.conv.bias is None for b in model.blocks)
+    check_forward_backward(model, torch.rand(4, 1, 8, 8))
 
 
 def test_unknown_norm_and_misuse():

@@ -9,8 +9,6 @@ import torch.nn as nn
 from bnlib.lab.training import History, class_subset_sampler, device, evaluate, fit, seed_everything
 
 
-
-
 def blobs(n=400, n_test=200, dim=8, seed=0):
     """Two linearly separable Gaussian blobs; returns ((x, y), (x_test, y_test))."""
     g = torch.Generator().manual_seed(seed)
@@ -148,6 +146,7 @@ def test_plots_of_histories():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from bnlib.lab.plots import BN_COLOR, NO_BN_COLOR, plot_curves, plot_lr_sweep
 
     ok = History(step=[10, 20], train_loss=[1.0, 0.5], lr=[0.1, 0.1], test_step=[0, 10, 20],

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import bnlib
 from bnlib import variants as V
 
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -407,3 +408,59 @@ def test_cuda_matches_cpu():
         for mode in (True, False):
             cpu.train(mode), gpu.train(mode)
             torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.nn 2.13 parity: the bias= keyword and empty batches
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda lib: lib.GroupNorm(2, 4, bias=False), (3, 4, 5)),
+    (lambda lib: lib.LayerNorm(5, bias=False), (3, 4, 5)),
+    (lambda lib: lib.InstanceNorm1d(4, affine=True, bias=False), (3, 4, 5)),
+    (lambda lib: lib.InstanceNorm2d(4, affine=True, bias=False), (3, 4, 5, 2)),
+])
+def test_bias_keyword_matches_torch(make, shape):
+    ours, ref = make(bnlib).double(), make(nn).double()
+    assert ours.bias is None and ref.bias is None
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(shape, dtype=torch.float64)
+    ya, yb = ours(xa), ref(xb)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda lib: lib.GroupNorm(2, 4), (0, 4, 5)),
+    (lambda lib: lib.LayerNorm(5), (0, 4, 5)),
+    (lambda lib: lib.InstanceNorm1d(4), (0, 4, 5)),  # with affine=True torch.nn 2.13 raises IndexError
+])
+def test_empty_batch_matches_torch(make, shape):
+    ours, ref = make(bnlib), make(nn)
+    xa, xb = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    ya, yb = ours(xa), ref(xb)
+    assert ya.shape == yb.shape == shape
+    ya.sum().backward()
+    yb.sum().backward()
+    for p_ours, p_ref in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad)
+
+
+@pytest.mark.parametrize("make", [lambda: bnlib.BatchRenorm1d(4, r_max=2.0, d_max=1.0),
+                                  lambda: bnlib.GhostBatchNorm1d(4, virtual_batch_size=2)])
+def test_empty_batch_bnlib_only_layers_leave_statistics_alone(make):
+    layer = make()
+    y = layer(torch.randn(0, 4, 3))
+    assert y.shape == (0, 4, 3)
+    assert torch.equal(layer.running_mean, torch.zeros(4)) and torch.equal(layer.running_var, torch.ones(4))
+    assert int(layer.num_batches_tracked) == 0
+    y.sum().backward()
+    assert torch.equal(layer.weight.grad, torch.zeros(4))

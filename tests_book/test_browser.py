@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from bookconfig import HTML, SCREENSHOTS, colab_url, is_chapter, source_of, toc_pages
 
 CHROMIUM = os.environ.get("BOOK_CHROMIUM", "/usr/bin/chromium")
@@ -253,7 +252,7 @@ class _Ids(html.parser.HTMLParser):
                 self.ids.add(value)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fetch(url: str) -> tuple[int, str, frozenset]:
     """(status, content type, ids in the document) of a local URL."""
     try:

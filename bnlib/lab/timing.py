@@ -1,22 +1,37 @@
-"""Wall-time measurement that survives noisy machines.
-
-Used by "Batch normalization in convolutional networks"
-(``chapters/convolutional.ipynb``: the speed-up of folding BN into the
-convolutions for inference, and BN's share of a training step) and by any
-chapter that reports how fast something runs.
+"""Wall-time measurement that survives noisy machines: medians, and candidates timed interleaved.
 
 Two rules make timings on a shared laptop or CI machine usable:
 
-* **report the median** of many repetitions, not the mean: a background job
-  that steals the CPU for one repetition moves the mean, not the median;
-* **interleave the candidates** when comparing: :func:`compare` runs
-  candidate A once, then B once, then C once, and repeats, rotating which one
-  goes first, so a slow spell of the machine hits every candidate alike
-  instead of whichever happened to be measured during it.
+* **report the median** of many repetitions, not the mean: a background job that steals the CPU for
+  one repetition moves the mean, not the median;
+* **interleave the candidates** when comparing: :func:`compare` times candidate A once, then B once,
+  then C once, and repeats, rotating which one goes first, so a slow spell of the machine hits every
+  candidate alike instead of whichever happened to be measured during it.
 
-On CUDA, kernels run asynchronously; every timed call is preceded and
-followed by ``torch.cuda.synchronize`` when the device is a CUDA device, so
-the time measured is the time the GPU took, not the time to enqueue.
+On CUDA, kernels run asynchronously; every timed sample is preceded and followed by
+``torch.cuda.synchronize`` of the device the candidate runs on, so the time measured is the time the
+GPU took, not the time to enqueue.
+
+Why not ``torch.utils.benchmark``
+---------------------------------
+Its :class:`~torch.utils.benchmark.Timer` measures one statement at a time (``timeit``,
+``blocked_autorange``), and :class:`~torch.utils.benchmark.Compare` only lays out in a table
+measurements that were taken one after the other; neither interleaves candidates, which is what
+:func:`compare` exists for. Three further differences matter here:
+
+* ``Timer`` runs the statement under its own thread count (``num_threads``, default 1), while the
+  chapters time under the thread count they set themselves;
+* ``Timer.timeit`` adds an untimed warm-up of ``number // 100`` (at least 2) calls to every
+  measurement, and ``blocked_autorange`` chooses the number of calls itself (until ``min_run_time``),
+  so the number of calls, and hence a notebook cell's running time, is not what the caller asked
+  for; here it is exactly ``warmup + repeat * number`` per candidate;
+* its default clock synchronizes whatever accelerator is present at every reading, even when the code
+  timed runs on the CPU; here only the device given is synchronized (with ``device=None``: CUDA, if
+  this process has started using it). A replaceable ``clock`` and
+  ``sync`` let the tests check the order of calls and the arithmetic without real time.
+
+Where a single measurement with no rival is wanted, ``torch.utils.benchmark`` is used
+(:func:`bnlib.lab.bench.copy_bandwidth`).
 
 Example::
 
@@ -25,21 +40,22 @@ Example::
     res = compare({"with BN": lambda: model(x), "folded": lambda: folded(x)}, repeat=30)
     res.medians["folded"], res.speedup("with BN", "folded")
 
-Timings are volatile: notebook cells that print them must carry the
-``nbval-ignore-output`` tag (see the chapter authors' brief).
+Timings are volatile: notebook cells that print them carry the ``nbval-ignore-output`` tag.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Union
 
 import torch
 
 __all__ = ["synchronize", "time_fn", "compare", "Comparison"]
 
+# Union, not ``X | Y``: evaluated when the module loads, and Python 3.9 has no ``|`` on types.
 DeviceLike = Union[None, str, torch.device]
 
 
@@ -64,7 +80,7 @@ def synchronize(device: DeviceLike = None) -> None:
         torch.cuda.synchronize(None if device is None else torch.device(device))
 
 
-def _make_timer(device: DeviceLike, clock: Callable[[], float], sync: Optional[Callable[[], None]]):
+def _make_timer(device: DeviceLike, clock: Callable[[], float], sync: Callable[[], None] | None):
     """Returns ``timed(fn, number) -> seconds per call`` for one device."""
     if sync is None:
         cuda = _is_cuda(device)
@@ -93,7 +109,7 @@ def _check_counts(repeat: int, warmup: int, number: int) -> None:
 
 def time_fn(fn: Callable[[], object], repeat: int = 20, warmup: int = 3, number: int = 1,
             device: DeviceLike = None, *, clock: Callable[[], float] = time.perf_counter,
-            sync: Optional[Callable[[], None]] = None, return_all: bool = False):
+            sync: Callable[[], None] | None = None, return_all: bool = False):
     """Median wall time of one call of ``fn``.
 
     Args:
@@ -136,10 +152,10 @@ class Comparison:
             unless given).
     """
 
-    samples: Dict[str, List[float]]
-    medians: Dict[str, float]
-    order: List[str] = field(default_factory=list)
-    baseline: Optional[str] = None
+    samples: dict[str, list[float]]
+    medians: dict[str, float]
+    order: list[str] = field(default_factory=list)
+    baseline: str | None = None
 
     def ratio(self, a: str, b: str) -> float:
         """Returns ``median(a) / median(b)``."""
@@ -150,7 +166,7 @@ class Comparison:
         return self.ratio(slow, fast)
 
     @property
-    def ratios(self) -> Dict[str, float]:
+    def ratios(self) -> dict[str, float]:
         """Returns ``{name: median(name) / median(baseline)}`` (baseline -> 1.0)."""
         base = self.medians[self.baseline]
         return {k: v / base for k, v in self.medians.items()}
@@ -166,9 +182,9 @@ class Comparison:
 
 
 def compare(fns: Mapping[str, Callable[[], object]], repeat: int = 20, warmup: int = 2, number: int = 1,
-            device: DeviceLike = None, baseline: Optional[str] = None, rotate: bool = True, *,
+            device: DeviceLike = None, baseline: str | None = None, rotate: bool = True, *,
             clock: Callable[[], float] = time.perf_counter,
-            sync: Optional[Callable[[], None]] = None) -> Comparison:
+            sync: Callable[[], None] | None = None) -> Comparison:
     """Time several candidates interleaved: each repetition times every candidate once.
 
     Warm-up: ``warmup`` untimed calls of each candidate (candidate by
@@ -201,8 +217,8 @@ def compare(fns: Mapping[str, Callable[[], object]], repeat: int = 20, warmup: i
         for _ in range(warmup):
             fns[name]()
     (sync or (lambda: synchronize(device)))()
-    samples: Dict[str, List[float]] = {k: [] for k in names}
-    order: List[str] = []
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    order: list[str] = []
     k = len(names)
     for r in range(repeat):
         start = r % k if rotate else 0

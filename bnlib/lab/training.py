@@ -35,8 +35,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ def _check_device(dev: torch.device, origin: str) -> torch.device:
     return dev
 
 
-def device(name: Union[str, torch.device, None] = None) -> torch.device:
+def device(name: str | torch.device | None = None) -> torch.device:
     """Choose the device the book's experiments run on.
 
     Order of precedence: the ``name`` argument, then the environment variable
@@ -165,38 +166,38 @@ class History:
       was NaN or infinite) and ``config`` (the arguments of the run).
     """
 
-    step: List[int] = field(default_factory=list)
-    train_loss: List[float] = field(default_factory=list)
-    lr: List[float] = field(default_factory=list)
-    test_step: List[int] = field(default_factory=list)
-    test_acc: List[float] = field(default_factory=list)
-    wall_time: List[float] = field(default_factory=list)
+    step: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    test_step: list[int] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    wall_time: list[float] = field(default_factory=list)
     steps_per_s: float = 0.0
     diverged: bool = False
-    diverged_at: Optional[int] = None
-    config: Dict[str, Any] = field(default_factory=dict)
+    diverged_at: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
     _TIMING_FIELDS = ("wall_time", "steps_per_s")
 
     # -- convenience ------------------------------------------------------
     @property
-    def final_acc(self) -> Optional[float]:
+    def final_acc(self) -> float | None:
         """Returns the last recorded test accuracy, or None if there is none."""
         return self.test_acc[-1] if self.test_acc else None
 
     @property
-    def best_acc(self) -> Optional[float]:
+    def best_acc(self) -> float | None:
         """Returns the highest recorded test accuracy, or None if there is none."""
         return max(self.test_acc) if self.test_acc else None
 
-    def steps_to_reach(self, acc: float) -> Optional[int]:
+    def steps_to_reach(self, acc: float) -> int | None:
         """Returns the first evaluated step whose test accuracy is >= ``acc``, or None."""
         for s, a in zip(self.test_step, self.test_acc):
             if a >= acc:
                 return s
         return None
 
-    def same_results(self, other: "History") -> bool:
+    def same_results(self, other: History) -> bool:
         """Returns True if both runs recorded the same numbers, timings aside.
 
         NaN equals NaN here, so two identically diverged runs compare equal.
@@ -213,17 +214,17 @@ class History:
         return True
 
     # -- serialisation -----------------------------------------------------
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Returns the history as a dict of plain Python values (JSON-ready)."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "History":
+    def from_dict(cls, d: dict[str, Any]) -> History:
         """Returns a History built from :meth:`to_dict`'s output (unknown keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def to_json(self, path: Union[str, os.PathLike]) -> None:
+    def to_json(self, path: str | os.PathLike) -> None:
         """Write the history to ``path`` as JSON (NaN/inf as JavaScript literals).
 
         Returns:
@@ -233,7 +234,7 @@ class History:
             json.dump(self.to_dict(), f, indent=1)
 
     @classmethod
-    def from_json(cls, path: Union[str, os.PathLike]) -> "History":
+    def from_json(cls, path: str | os.PathLike) -> History:
         """Returns the History stored in ``path`` by :meth:`to_json`."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
@@ -342,7 +343,7 @@ def class_subset_sampler(y: torch.Tensor, batch_size: int, classes_per_batch: in
 # fit
 # --------------------------------------------------------------------------
 
-def _show_progress(progress: Optional[bool]) -> bool:
+def _show_progress(progress: bool | None) -> bool:
     """Returns whether :func:`fit` should draw a progress bar (see fit's docstring)."""
     if progress is not None:
         return bool(progress)
@@ -374,30 +375,30 @@ def _make_optimizer(optimizer, params, lr: float, momentum: float, weight_decay:
 
 def fit(
     model: nn.Module,
-    data: Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+    data: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     *,
-    steps: Optional[int] = None,
-    epochs: Optional[float] = None,
+    steps: int | None = None,
+    epochs: float | None = None,
     batch_size: int = 60,
     optimizer: Any = "sgd",
     lr: float = 0.1,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
-    eval_every: Optional[int] = None,
-    loss_every: Optional[int] = None,
+    eval_every: int | None = None,
+    loss_every: int | None = None,
     eval_batch_size: int = 10000,
-    max_eval: Optional[int] = None,
+    max_eval: int | None = None,
     seed: int = 0,
-    device: Union[str, torch.device, None] = None,
-    progress: Optional[bool] = None,
-    lr_schedule: Optional[Callable[[int], float]] = None,
-    sampler: Optional[Callable[[int, torch.Generator], torch.Tensor]] = None,
-    callback: Optional[Callable[[int, nn.Module, History], Optional[bool]]] = None,
-    callback_every: Optional[int] = None,
-    probes: Optional[Sequence[Any]] = None,
-    probe_every: Optional[int] = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
+    sampler: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+    callback: Callable[[int, nn.Module, History], bool | None] | None = None,
+    callback_every: int | None = None,
+    probes: Sequence[Any] | None = None,
+    probe_every: int | None = None,
     check_every: int = 50,
-    max_loss: Optional[float] = None,
+    max_loss: float | None = None,
 ) -> History:
     """Train ``model`` for classification with cross-entropy and mini-batch SGD.
 
@@ -521,7 +522,7 @@ def fit(
         hist.wall_time.append(time.perf_counter() - t_start)
 
     # Losses waiting on the device, and the running window on the host.
-    pending: List[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
     flushed = 0                       # updates whose loss is on the host
     win_sum, win_n = 0.0, 0
 
