@@ -303,6 +303,12 @@ def check_bn_input(input: Tensor, training: bool, eps: float | None = None, **pe
     _check_batch(input, training, eps)
 
 
+def shape_str(x: Tensor) -> str:
+    """``x``'s shape written as Python writes a tuple, ``(1, 3)`` (TorchScript cannot call ``tuple()``)."""
+    dims = [str(n) for n in x.shape]
+    return "(" + dims[0] + ",)" if len(dims) == 1 else "(" + ", ".join(dims) + ")"
+
+
 def _check_batch(input: Tensor, training: bool, eps: float | None = None) -> None:
     """The checks that depend on the batch, for an ``(N, C, *)`` tensor (TorchScript-compatible).
 
@@ -314,7 +320,7 @@ def _check_batch(input: Tensor, training: bool, eps: float | None = None) -> Non
         raise TypeError(f"expected a floating-point input, got dtype {input.dtype}")
     if training and input.numel() == input.shape[1]:
         raise ValueError(
-            f"expected more than 1 value per channel when training, got input of shape {list(input.shape)}: "
+            f"expected more than 1 value per channel when training, got input of shape {shape_str(input)}: "
             "batch statistics need at least two values per channel (use eval() for single examples)"
         )
     if eps is not None:

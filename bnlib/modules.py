@@ -103,7 +103,7 @@ class _NormBase(nn.Module):
             name = "layer" if torch.jit.is_scripting() else type(self).__name__  # TorchScript has no type()
             raise ValueError(
                 f"{name}({self.num_features}) expected input with {self.num_features} channels "
-                f"in dim 1, got {input.shape[1]} (input shape {list(input.shape)})"
+                f"in dim 1, got {input.shape[1]} (input shape {bnf.shape_str(input)})"
             )
 
     def extra_repr(self) -> str:
@@ -168,7 +168,7 @@ class BatchNorm1d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (2, 3):
             raise ValueError(f"BatchNorm1d expected 2D (N, C) or 3D (N, C, L) input, got {input.dim()}D input "
-                             f"of shape {list(input.shape)}")
+                             f"of shape {bnf.shape_str(input)}")
 
 
 class BatchNorm2d(_BatchNorm):
@@ -180,7 +180,7 @@ class BatchNorm2d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"BatchNorm2d expected 4D (N, C, H, W) input, got {input.dim()}D input "
-                             f"of shape {list(input.shape)}")
+                             f"of shape {bnf.shape_str(input)}")
 
 
 class BatchNorm3d(_BatchNorm):
@@ -192,4 +192,4 @@ class BatchNorm3d(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
             raise ValueError(f"BatchNorm3d expected 5D (N, C, D, H, W) input, got {input.dim()}D input "
-                             f"of shape {list(input.shape)}")
+                             f"of shape {bnf.shape_str(input)}")
