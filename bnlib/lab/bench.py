@@ -112,6 +112,18 @@ def _paired_median(samples: Sequence[float], baseline: Sequence[float]) -> float
     return statistics.median(t / b for t, b in zip(samples, baseline))
 
 
+def _case(shape: Sequence[int], gen: torch.Generator, device, dtype: torch.dtype):
+    """One benchmark case: the shape as a tuple, bnlib's and torch.nn's layer class for it, an input
+    ``x`` (requiring grad) and an output gradient ``g``, both drawn from ``gen``."""
+    shape = tuple(shape)
+    if len(shape) not in _LAYERS:
+        raise ValueError(f"expected shapes (N, C) or (N, C, H, W), got {shape}")
+    ours_cls, torch_cls = _LAYERS[len(shape)]
+    x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    g = torch.randn(shape, generator=gen).to(device, dtype)
+    return shape, ours_cls, torch_cls, x, g
+
+
 def bench_batchnorm(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int = 30, warmup: int = 3,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     naive: bool = True) -> list[dict]:
@@ -133,13 +145,8 @@ def bench_batchnorm(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: in
     rows = []
     gen = torch.Generator().manual_seed(0)
     for shape in shapes:
-        shape = tuple(shape)
-        if len(shape) not in _LAYERS:
-            raise ValueError(f"expected shapes (N, C) or (N, C, H, W), got {shape}")
-        ours_cls, torch_cls = _LAYERS[len(shape)]
+        shape, ours_cls, torch_cls, x, g = _case(shape, gen, device, dtype)
         C = shape[1]
-        x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-        g = torch.randn(shape, generator=gen).to(device, dtype)
         ours = ours_cls(C, device=device, dtype=dtype).train()
         theirs = torch_cls(C, device=device, dtype=dtype).train()
         fns = {"torch": _fwd_bwd(theirs, x, g, list(theirs.parameters())),
@@ -366,13 +373,8 @@ def bench_compile(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int 
     rows = []
     gen = torch.Generator().manual_seed(0)
     for shape in shapes:
-        shape = tuple(shape)
-        if len(shape) not in _LAYERS:
-            raise ValueError(f"expected shapes (N, C) or (N, C, H, W), got {shape}")
-        ours_cls, torch_cls = _LAYERS[len(shape)]
+        shape, ours_cls, torch_cls, x, g = _case(shape, gen, device, dtype)
         C = shape[1]
-        x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-        g = torch.randn(shape, generator=gen).to(device, dtype)
         eager = ours_cls(C, device=device, dtype=dtype).train()
         theirs = torch_cls(C, device=device, dtype=dtype).train()
         to_compile = ours_cls(C, device=device, dtype=dtype).train()
