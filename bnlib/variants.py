@@ -71,11 +71,6 @@ def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Seq
     return xhat
 
 
-def _empty_output(module: nn.Module, input: Tensor) -> Tensor:
-    """The training output for an empty batch: empty, in the graph of γ and β (gradient 0), no statistics."""
-    return _affine(_stats_input(input) * 0.0, module.weight, module.bias, _channel_shape(input)).to(input.dtype)
-
-
 def _ema_(running: Tensor, new: Tensor, momentum: float) -> None:
     """running ← (1 − momentum)·running + momentum·new, in place (PyTorch's convention)."""
     running.mul_(1 - momentum).add_(new.detach().reshape(-1).to(running.dtype), alpha=momentum)
@@ -259,7 +254,7 @@ class _InstanceNorm(_NormBase):
             raise ValueError(f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels "
                              f"in dim {0 if unbatched else 1}, got {x.shape[1]} (input shape {tuple(input.shape)})")
         if x.numel() == 0:  # an empty batch (N = 0 or no spatial positions): empty output, running stats untouched
-            y = _empty_output(self, x)
+            y = bnf._empty_batch(x, self.weight, self.bias)
             return y.squeeze(0) if unbatched else y
         shape, dims = _channel_shape(x), list(range(2, x.dim()))
         xs = _stats_input(x)
@@ -350,7 +345,7 @@ class _BatchRenorm(_DimCheck, _BatchNorm):
         if not self.training:
             return super().forward(input)  # evaluation: exactly BN with the running statistics
         if input.numel() == 0:  # an empty batch: empty output, running statistics (and the count) untouched
-            return _empty_output(self, input)
+            return bnf._empty_batch(input, self.weight, self.bias)
         bnf.check_bn_input(input, True)
         momentum = self._momentum_for_this_batch()
         dims, shape = _reduce_dims(input), _channel_shape(input)
@@ -484,7 +479,7 @@ class _GhostBatchNorm(_DimCheck, _BatchNorm):
         if not (self.training or self.running_mean is None):
             return super().forward(input)  # evaluation: BN with the running statistics
         if input.numel() == 0:  # an empty batch: empty output, running statistics (and the count) untouched
-            return _empty_output(self, input)
+            return bnf._empty_batch(input, self.weight, self.bias)
         bnf.check_bn_input(input, False)
         n, vbs = input.shape[0], self.virtual_batch_size
         if n % vbs != 0:
