@@ -69,6 +69,8 @@ test: $(STAMP) data
 # _toc.yml in headless Chromium, then a chapter run Colab-style from a wheel in
 # a fresh venv outside the repository. Needs a built book (`make book`).
 test-book: $(STAMP) data browser
+	@echo "==> [4/5] measured numbers in the prose are glued or cited (tests_book/test_glue.py)"
+	@$(NB_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_glue.py
 	@echo "==> [4/5] browser test of the rendered pages"
 	@SECONDS=0; BOOK_CHROMIUM=$(CHROMIUM) $(NB_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_browser.py; \
 	  echo "==> [4/5] browser test passed in $${SECONDS}s (screenshots in _build/screenshots)"

@@ -6,7 +6,9 @@
   by its panels;
 * the plots: training curves of several runs (:func:`plot_curves`), percentiles over training as a
   band around the median (:func:`plot_percentiles`, Figure 1 (b, c) of Ioffe & Szegedy 2015), a grid
-  of histograms (:func:`plot_histograms`) and a learning-rate sweep (:func:`plot_lr_sweep`).
+  of histograms (:func:`plot_histograms`), a learning-rate sweep (:func:`plot_lr_sweep`; several seeds per
+  rate give error bars) and the curves of several seeds as a mean with a min-max band
+  (:func:`plot_seed_curves`).
 
 Figures use 100 dpi so that the PNGs stored in the notebooks stay small. The functions only draw
 (they never call ``plt.show()``) and return the Axes or Figure they drew on. ``import bnlib`` and
@@ -38,6 +40,7 @@ __all__ = [
     "plot_percentiles",
     "plot_histograms",
     "plot_lr_sweep",
+    "plot_seed_curves",
 ]
 
 #: Okabe-Ito colour-blind-safe palette (black first, as in the original).
@@ -284,13 +287,24 @@ def _value(v: Any, metric: str) -> tuple[float, bool]:
     return float(v), not math.isfinite(float(v))
 
 
+def _seed_values(v: Any, metric: str) -> list[tuple[float, bool]]:
+    """Returns ``[(value, diverged), ...]`` for one sweep point: a History, a number, or a list of them (seeds)."""
+    if isinstance(v, (list, tuple)):
+        return [_value(x, metric) for x in v]
+    if hasattr(v, "values") and not hasattr(v, "test_acc") and not isinstance(v, Mapping):
+        return [_value(x, metric) for x in v.values]      # a bnlib.lab.seeds.Spread
+    return [_value(v, metric)]
+
+
 def plot_lr_sweep(results, ax=None, metric: str = "final_acc", label: str | None = None,
                   colors: Mapping[str, str] | None = None):
     """Plot a learning-rate sweep: final accuracy (or any number) against lr, log x-axis.
 
     Args:
-        results: ``{lr: History or number}`` for one curve, or
-            ``{label: {lr: History or number}}`` for several.
+        results: ``{lr: point}`` for one curve, or ``{label: {lr: point}}`` for several. A point is a
+            History, a number, or several seeds of them (a list, or a :class:`bnlib.lab.seeds.Spread`):
+            then the mean is drawn with error bars of one sample standard deviation; a point is drawn as
+            diverged only when every seed diverged (the others' mean is shown otherwise).
         metric: attribute read from each History (``'final_acc'``, ``'best_acc'``).
         ax, label, colors: as usual.
 
@@ -308,10 +322,19 @@ def plot_lr_sweep(results, ax=None, metric: str = "final_acc", label: str | None
     for i, (name, sweep) in enumerate(series.items()):
         color = (colors or {}).get(name) or color_for(name if name is not None else "", i)
         lrs = sorted(sweep)
-        vals, bad = zip(*(_value(sweep[lr], metric) for lr in lrs)) if lrs else ((), ())
-        lrs, vals, bad = np.asarray(lrs, float), np.asarray(vals, float), np.asarray(bad, bool)
-        ok = ~bad
-        ax.plot(lrs[ok], vals[ok], "o-", color=color, label=None if name is None else str(name), ms=4)
+        seeds = [_seed_values(sweep[lr], metric) for lr in lrs]
+        kept = [[x for x, diverged in s if not diverged] for s in seeds]   # the seeds that did not diverge
+        vals = [float(np.mean(k)) if k else math.nan for k in kept]
+        errs = [float(np.std(k, ddof=1)) if len(k) > 1 else 0.0 for k in kept]
+        bad = [not k for k in kept]
+        lrs, vals, bad, errs = (np.asarray(lrs, float), np.asarray(vals, float), np.asarray(bad, bool),
+                                np.asarray(errs, float))
+        ok = ~bad & np.isfinite(vals)
+        lbl = None if name is None else str(name)
+        if any(len(s) > 1 for s in seeds):
+            ax.errorbar(lrs[ok], vals[ok], yerr=errs[ok], fmt="o-", color=color, label=lbl, ms=4, capsize=3)
+        else:
+            ax.plot(lrs[ok], vals[ok], "o-", color=color, label=lbl, ms=4)
         if bad.any():
             ax.plot(lrs[bad], np.zeros(bad.sum()), "x", color=color, ms=7, mew=2,
                     transform=ax.get_xaxis_transform(), clip_on=False)
@@ -320,4 +343,39 @@ def plot_lr_sweep(results, ax=None, metric: str = "final_acc", label: str | None
     ax.set_ylabel(metric.replace("_", " "))
     if any(n is not None for n in series):
         ax.legend()
+    return ax
+
+
+def plot_seed_curves(runs: Mapping[str, Sequence[Any]], metric: str = "test_acc", ax=None,
+                     colors: Mapping[str, str] | None = None, band_alpha: float = 0.2):
+    """Plot one metric of several seeds per configuration: the mean line and a min-max band.
+
+    Args:
+        runs: ``{label: [History, ...]}``, one list of seeds per configuration; the seeds of one label
+            must have been evaluated at the same steps.
+        metric, ax, colors: as in :func:`plot_curves`.
+
+    Returns:
+        matplotlib Axes.
+    """
+    if metric not in _CURVE_AXES:
+        raise ValueError(f"metric must be one of {sorted(_CURVE_AXES)}, got {metric!r}")
+    xname, ylabel = _CURVE_AXES[metric]
+    ax = _ax(ax)
+    for i, (label, hists) in enumerate(runs.items()):
+        hists = list(hists)
+        if not hists:
+            raise ValueError(f"no runs for {label!r}")
+        x = np.asarray(getattr(hists[0], xname))
+        n = min(len(getattr(h, metric)) for h in hists)
+        ys = np.asarray([np.asarray(getattr(h, metric), dtype=float)[:n] for h in hists])
+        color = (colors or {}).get(label) or color_for(label, i)
+        ax.plot(x[:n], ys.mean(axis=0), color=color, label=f"{label} (mean of {len(hists)})")
+        if len(hists) > 1:
+            ax.fill_between(x[:n], ys.min(axis=0), ys.max(axis=0), color=color, alpha=band_alpha, linewidth=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    if metric in ("train_loss", "lr"):
+        ax.set_yscale("log")
+    ax.legend()
     return ax
