@@ -45,10 +45,20 @@ NaN); the output has torch.nn's memory format (channels-last stays channels-last
 Validation happens once per call: :func:`batch_norm` checks its arguments with :func:`check_bn_input`, then runs
 the unchecked :func:`_batch_norm`, which the modules call directly after checking their own input.
 
-The allocation and layout tricks that make the eager path fast on a CPU are kept out of the math, in the helpers
-at the end of the file: each pass writes into the one full-size buffer that must be allocated anyway (the output
-``y`` in the forward, ``dx`` in the backward), since a fresh full-size tensor costs more than a pass over one
-already allocated. ``python -m bnlib.lab.bench`` compares the speed with torch.nn's C++ kernels.
+Speed. Everything is computed from ordinary tensor operations; torch's own batch-norm kernels
+(``torch.batch_norm``, ``native_batch_norm``, cuDNN's) are never called. The tricks that make the eager path fast
+are kept out of the math, in the helpers at the end of the file, each saying why:
+
+* every reduction runs over the layout ATen reduces fastest (:func:`_rows`: a contiguous ``(N, C, H, W)`` is
+  reduced row by row, then over ``N``, several times faster than one reduction over ``(0, 2, 3)``);
+* large tensors get no full-size temporary: each pass writes into the one buffer that must be allocated anyway
+  (the output ``y`` in the forward, ``dx`` in the backward), since a fresh full-size tensor costs more than a
+  pass over one already allocated; small ones (an MLP's ``(60, 100)``) take a temporary when that saves an
+  operation (:func:`_is_small`), because there the cost is the number of calls into torch, not the bytes;
+* for the same reason no call is made that changes nothing (:func:`_as`, :func:`_flat`), the gradients of the
+  two statistics outputs are not materialized as zero tensors, and each running average is one ``lerp_``.
+
+``python -m bnlib.lab.bench`` compares the speed with torch.nn's C++ kernels.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from torch import Tensor
 __all__ = ["BatchNormFunction", "batch_norm", "check_bn_input"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_SMALL_BYTES = 128 * 1024  # see _is_small
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,58 +83,63 @@ class BatchNormFunction(torch.autograd.Function):
     batch statistics per channel (float32 or float64), non-differentiable, returned so the caller can update
     running statistics without computing them twice. ``weight`` and ``bias`` may be ``None``. ``x`` must have
     at least one value per channel (the empty batch is handled by :func:`_batch_norm`).
+
+    Per-channel quantities have the shape that broadcasts against ``x`` (:func:`_per_channel`), and every sum
+    or mean is over the ``m`` values of a channel (:func:`_channel_sum`, :func:`_channel_mean`).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        dims, shape = _reduce_dims(x), _channel_shape(x)
-        m = x.numel() // x.shape[1]  # values per channel
-        shift = x.sum(dims, keepdim=True, dtype=_stat_dtype(x)).div_(m)  # K = Σx / m ≈ μ_B
+    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        x = _as(input, _stat_dtype(input))  # float32 for half-precision input, converted once
+        shift = _channel_mean(x)  # K = mean(x) ≈ μ_B, rounded to the statistics dtype
         d = _centred_buffer(x, shift)  # d = x − K (the buffer that becomes y)
-        delta = d.sum(dims, keepdim=True).div_(m)  # δ = mean(d) = μ_B − K, tiny
-        mean_sq = _sum_of_squares(d, x, shift, dims).div_(m)  # mean(d²)
+        delta = _channel_mean(d)  # δ = mean(d) = μ_B − K, tiny
+        mean_sq = _channel_mean_of_squares(d, x, shift)  # mean(d²)
         var = torch.addcmul(mean_sq, delta, delta, value=-1).clamp_min_(0)  # σ²_B = mean(d²) − δ²
         rstd = var.add(eps).rsqrt_()  # 1 / √(σ²_B + ε)
         # y = γ (d − δ) / √(σ²_B + ε) + β  =  d·scale + offset
-        scale = rstd if weight is None else rstd * weight.view(shape)  # γ / √(σ²_B + ε)
+        scale = rstd if weight is None else rstd * _per_channel(weight, x)  # γ / √(σ²_B + ε)
         if bias is None:
             offset = (delta * scale).neg_()  # −δ·scale
         else:
-            offset = torch.addcmul(bias.view(shape), delta, scale, value=-1)  # β − δ·scale
+            offset = torch.addcmul(_per_channel(bias, x), delta, scale, value=-1)  # β − δ·scale
         y = d.mul_(scale).add_(offset)  # in place: d is not needed any more
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, shift, delta, rstd)
-        mean = _finite_sum(shift, delta)  # μ_B = K + δ (K itself where K = ±inf, as torch.nn)
+        ctx.save_for_backward(input, weight, shift, delta, rstd, scale)
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of mean and var (never used)
+        mean = shift + _nan_to_zero(delta)  # μ_B = K + δ (K itself where K = ±inf, as torch.nn)
         ctx.mark_non_differentiable(mean, var)
-        return y.to(x.dtype), mean.view(-1), var.view(-1)
+        return _as(y, input.dtype), _flat(mean), _flat(var)
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean, _dvar):
-        x, weight, shift, delta, rstd = ctx.saved_tensors
+    def backward(ctx, dy: Tensor | None, _dmean, _dvar):
+        x, weight, shift, delta, rstd, scale = ctx.saved_tensors
+        if dy is None:  # y took no part in the loss
+            return None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
             return _differentiable_backward(ctx, x, weight, dy)
-        dims, shape = _reduce_dims(x), _channel_shape(x)
         m = x.numel() // x.shape[1]
+        input_dtype = x.dtype
+        x, dy = _as(x, shift.dtype), _as(dy, shift.dtype)  # float32 for half precision, converted once
         # The two reductions Σg and Σ g x̂, with x − μ_B = d − δ (both small: no cancellation).
-        sum_g = dy.sum(dims, keepdim=True, dtype=rstd.dtype)  # Σg = ∂L/∂β
-        d = _centred_buffer(x, shift)  # d = x − K (the buffer that becomes dx)
-        sum_gd = d.mul_(dy).sum(dims, keepdim=True)  # Σ g·d (d now holds g·d)
-        # Σ g x̂ = (Σ g·d − δ Σg) / √(σ²+ε) = ∂L/∂γ
-        sum_gxhat = torch.addcmul(sum_gd, delta, sum_g, value=-1).mul_(rstd)
+        sum_g = _channel_sum(dy)  # Σg = ∂L/∂β
+        d = _centred_buffer(x, shift)  # d = x − K (the buffer that becomes ∂L/∂x)
+        # Σ g x̂ = (Σ g·d − δ Σg) / √(σ²_B + ε) = ∂L/∂γ
+        sum_gxhat = torch.addcmul(_channel_sum_of_products(d, dy, x, shift), delta, sum_g, value=-1).mul_(rstd)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # ∂L/∂x = a·(g − Σg/m − x̂ Σgx̂/m) with a = γ/√(σ²+ε) and x̂ = (d − δ)/√(σ²+ε)
-            #       = a·g + b·d + c  with  b = −a Σgx̂ / (m √(σ²+ε)),  c = −a Σg/m − b δ.
-            a = rstd if weight is None else rstd * weight.view(shape)
-            b = a * rstd * sum_gxhat * (-1.0 / m)
-            c = torch.addcmul(a * sum_g * (-1.0 / m), b, delta, value=-1)
-            torch.sub(x, shift, out=d)  # d = x − K again, in the same buffer
-            grad_x = d.mul_(b).add_(c).addcmul_(dy, a).to(x.dtype)  # b·d + c + a·g, in place
+            # ∂L/∂x = a·(g − Σg/m − x̂ Σgx̂/m) with a = γ/√(σ²_B+ε) (the forward's scale), x̂ = (d − δ)/√(σ²_B+ε)
+            #       = a·g + b·d + c  with  b = −a Σgx̂ / (m √(σ²_B+ε)),  c = −a Σg/m − b δ.
+            a = scale
+            minus_a_over_m = a * (-1.0 / m)
+            b = torch.mul(minus_a_over_m, rstd).mul_(sum_gxhat)
+            c = torch.addcmul(minus_a_over_m * sum_g, b, delta, value=-1)
+            grad_x = _as(d.mul_(b).add_(c).addcmul_(dy, a), input_dtype)  # b·d + c + a·g, in place
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = sum_gxhat.view(-1).to(weight.dtype)  # ∂L/∂γ = Σ g x̂
+            grad_weight = _as(_flat(sum_gxhat), weight.dtype)  # ∂L/∂γ = Σ g x̂
         if ctx.needs_input_grad[2]:
-            grad_bias = sum_g.view(-1).to(ctx.bias_dtype)  # ∂L/∂β = Σg
+            grad_bias = _as(_flat(sum_g), ctx.bias_dtype)  # ∂L/∂β = Σg
         return grad_x, grad_weight, grad_bias, None
 
 
@@ -224,11 +240,11 @@ def _batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor 
         y, mean, var = BatchNormFunction.apply(input, weight, bias, eps)
     m = input.numel() // input.shape[1]
     with torch.no_grad():
+        # running ← (1 − momentum)·running + momentum·batch, the variance unbiased: m/(m−1)·σ²_B (Algorithm 2)
         if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_mean.lerp_(_as(mean, running_mean.dtype), momentum)
         if running_var is not None:
-            # Var[x] estimate: the unbiased m/(m−1)·σ²_B, the factor folded into the weight of the new batch
-            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * m / (m - 1))
+            running_var.lerp_(_as(var, running_var.dtype) * (m / (m - 1)), momentum)
     return y
 
 
@@ -335,36 +351,117 @@ def _check_batch(input: Tensor, training: bool, eps: float | None = None) -> Non
 # Allocation, layout and special-value helpers (speed and torch.nn parity, no new math)
 # ----------------------------------------------------------------------------------------------
 
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """A ``(C,)`` tensor shaped to broadcast against ``x``: ``(C,)`` itself for ``(N, C)``, else ``(1, C, 1, ...)``."""
+    return v if x.dim() == 2 else v.view(_channel_shape(x))
+
+
+def _rows(t: Tensor) -> Tensor | None:
+    """``t`` as an ``(N, C, L)`` view when it is contiguous with spatial dimensions, else ``None``.
+
+    Why: ATen reduces a contiguous row fastest; one reduction over ``(0, 2, 3)`` of an ``(N, C, H, W)`` tensor
+    is several times slower than a reduction over each row followed by one over ``N``.
+    """
+    return t.view(t.shape[0], t.shape[1], -1) if t.dim() > 2 and t.is_contiguous() else None
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Σ over every dimension but 1, in the statistics dtype and shaped by :func:`_per_channel`.
+
+    Why this way: the fastest reduction for each layout (see :func:`_rows`).
+    """
+    dtype = _stat_dtype(t)
+    if t.dim() == 2:
+        return t.sum(0) if t.dtype == dtype else t.sum(0, dtype=dtype)
+    rows = _rows(t)
+    if rows is not None:
+        return rows.sum(2, dtype=dtype).sum(0).view(_channel_shape(t))
+    return t.sum(_reduce_dims(t), keepdim=True, dtype=dtype)
+
+
+def _channel_mean(t: Tensor) -> Tensor:
+    """The mean over every dimension but 1 (shaped as :func:`_channel_sum`)."""
+    dtype = _stat_dtype(t)
+    if t.dim() == 2:
+        return t.mean(0, dtype=dtype)
+    rows = _rows(t)
+    if rows is not None:
+        return rows.mean(2, dtype=dtype).mean(0).view(_channel_shape(t))
+    return t.mean(_reduce_dims(t), keepdim=True, dtype=dtype)
+
+
+def _channel_mean_of_squares(d: Tensor, x: Tensor, shift: Tensor) -> Tensor:
+    """mean(d²) per channel (shaped as :func:`_channel_sum`) for ``d = x − shift``; ``d`` is kept.
+
+    Why this way: a small ``d`` (an MLP's activations) takes one temporary ``d·d``, the fewest operations. A
+    large one must not: a fresh full-size buffer costs more than a pass over memory (:func:`_is_small`). With
+    rows, a fused norm kernel gives √(Σ d²) per row; otherwise ``d`` is squared in place, reduced and centred
+    again from ``x``.
+    """
+    if _is_small(d):
+        return _channel_mean(d * d)
+    rows = _rows(d)
+    if rows is not None:
+        sum_sq = torch.linalg.vector_norm(rows, dim=2).square_().sum(0)
+        return sum_sq.div_(rows.shape[0] * rows.shape[2]).view(_channel_shape(d))
+    mean_sq = _channel_mean(d.square_())
+    torch.sub(x, shift, out=d)
+    return mean_sq
+
+
+def _channel_sum_of_products(d: Tensor, g: Tensor, x: Tensor, shift: Tensor) -> Tensor:
+    """Σ d·g per channel (shaped as :func:`_channel_sum`) for ``d = x − shift``; ``d`` is kept.
+
+    Why this way (as :func:`_channel_mean_of_squares`): a small ``d`` takes one temporary ``d·g``; a large one
+    takes the product in place, is reduced, and is centred again from ``x``.
+    """
+    if _is_small(d):
+        return _channel_sum(d * g)
+    total = _channel_sum(d.mul_(g))
+    torch.sub(x, shift, out=d)
+    return total
+
+
+def _is_small(t: Tensor) -> bool:
+    """Whether a temporary the size of ``t`` is cheap: under 128 KiB, which the C allocator serves from memory it
+    holds; larger buffers are fresh pages from the operating system, each faulted in on first write, which at a
+    few MB costs more than the arithmetic (measured with ``python -m bnlib.lab.bench``)."""
+    return t.numel() * t.element_size() < _SMALL_BYTES
+
+
 def _centred_buffer(x: Tensor, shift: Tensor) -> Tensor:
     """``x − shift`` in a new buffer in the statistics dtype and torch.nn's layout.
 
     Why: it is the one full-size allocation of the pass; the caller keeps working in it in place and returns it.
+    A contiguous ``x`` gives a contiguous result directly (``shift`` has the statistics dtype).
     """
+    if x.is_contiguous():
+        return x - shift
     d = torch.empty_like(x, dtype=_stat_dtype(x), memory_format=_memory_format(x))
     return torch.sub(x, shift, out=d)
 
 
-def _sum_of_squares(d: Tensor, x: Tensor, shift: Tensor, dims: list[int]) -> Tensor:
-    """Σ d² per channel (shape ``(1, C, 1, ...)``) of the centred buffer ``d = x − shift``; ``d`` is kept.
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` has that dtype already.
 
-    Why: avoids a full-size temporary for d². In the ``(N, C, L)`` layout (contiguous, with spatial dimensions)
-    a fused norm kernel reduces each contiguous row; other layouts square ``d`` in place, reduce, and centre
-    ``x`` into it again, which is cheaper than allocating.
+    Why (as :func:`_flat`): at the sizes of a small MLP a BN step is a few dozen tiny operations, and each call
+    into torch costs about as much as the arithmetic.
     """
-    if d.dim() > 2 and d.is_contiguous():
-        rows = torch.linalg.vector_norm(d.view(d.shape[0], d.shape[1], -1), dim=2)  # √(Σ_l d²) per (n, c)
-        return rows.square_().sum(0).view(_channel_shape(d))  # Σ_n Σ_l d²
-    sum_sq = d.square_().sum(dims, keepdim=True)  # Σ d²
-    torch.sub(x, shift, out=d)  # d = x − K again
-    return sum_sq
+    return t if t.dtype == dtype else t.to(dtype)
 
 
-def _finite_sum(shift: Tensor, delta: Tensor) -> Tensor:
-    """``shift + delta``, or ``shift`` where it is ±inf.
+def _flat(t: Tensor) -> Tensor:
+    """``t.view(-1)``, skipping the call when ``t`` is one-dimensional already (see :func:`_as`)."""
+    return t if t.dim() == 1 else t.view(-1)
 
-    Why: a channel holding +inf has K = inf and δ = mean(x − inf) = NaN; torch.nn reports its mean as inf.
+
+def _nan_to_zero(t: Tensor) -> Tensor:
+    """``t`` with NaN replaced by 0 (infinities kept).
+
+    Why: a channel holding +inf has K = inf and δ = mean(x − inf) = NaN; torch.nn reports its mean as inf, i.e.
+    K + 0. (A NaN in ``x`` makes K NaN as well, so that channel's mean stays NaN.)
     """
-    return torch.where(shift.isinf(), shift, shift + delta)
+    return t.nan_to_num(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

@@ -128,6 +128,44 @@ def test_training_rates_for_the_three_models():
     rows = bench.bench_training(rounds=2, steps=3, device="cpu", data=tiny_mnist())
     assert [r["model"] for r in rows] == ["bnlib BN", "torch.nn BN", "no BN"]
     assert all(r["steps_per_s"] > 0 for r in rows)
+    assert rows[1]["ratio_to_torch"] == 1.0
+
+
+def test_training_with_a_clock_counts_steps_per_clock_second(monkeypatch):
+    """With a clock, the rate is steps / (clock after fit − clock before), and the ratio to torch.nn is the
+    median of the per-round ratios."""
+    seconds = {"bn": 2.0, "bn-torch": 1.0, None: 0.5}  # clock seconds per fit call, by the MLP's norm
+    now = [0.0]
+    norm_of = {}
+    real_mlp = bench.MLP
+
+    def mlp(activation="sigmoid", norm=None):
+        model = real_mlp(activation=activation, norm=norm)
+        norm_of[id(model)] = norm
+        return model
+
+    def fake_fit(model, data, steps, **kw):
+        now[0] += seconds[norm_of[id(model)]]
+
+    monkeypatch.setattr(bench, "MLP", mlp)
+    monkeypatch.setattr(bench, "fit", fake_fit)
+    rows = bench.bench_training(rounds=3, steps=10, device="cpu", data=tiny_mnist(), clock=lambda: now[0])
+    rates = {r["model"]: r for r in rows}
+    assert rates["bnlib BN"]["steps_per_s"] == pytest.approx(5.0) and rates["no BN"]["steps_per_s"] == 20.0
+    assert rates["bnlib BN"]["ratio_to_torch"] == pytest.approx(0.5)
+
+
+def test_main_threads_and_clock_options(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        out = bench.main(["--repeat", "1", "--device", "cpu", "--shapes", "16x5", "--sections", "batchnorm",
+                          "--threads", "1", "--clock", "cpu", "--json", str(tmp_path / "b.json")])
+        assert out["environment"]["clock"] == "cpu" and out["environment"]["threads"] == 1
+        assert out["batchnorm"][0]["threads"] == 1
+        with pytest.raises(SystemExit):  # CPU time adds up the threads' times: one thread only
+            bench.main(["--threads", "2", "--clock", "cpu", "--sections", "batchnorm"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_figure1_steps_to_baseline_is_the_first_evaluation_at_the_baseline():

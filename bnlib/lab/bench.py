@@ -31,9 +31,17 @@ CUDA and cuDNN versions, threads, date) to a JSON file. The records in ``bnlib/l
 files (written by ``tools/device_run.sh``); :func:`load_records` reads them and the book's appendix
 *Running on a GPU* plots them.
 
+Clocks. By default every time is wall time. ``--clock cpu`` times the CPU sections by this process's CPU time
+instead (:func:`time.process_time`): on a machine shared with other jobs it leaves out the time the operating
+system gives to them, which wall time counts against whichever candidate was running. It is meaningful with one
+thread only (with several it adds up the threads' times), and the first-call compile time stays wall time (the
+compiler runs in child processes). The record says which clock was used (``environment["clock"]``) and how
+loaded the machine was (``environment["load_average"]``, at the start).
+
 Command line::
 
     python -m bnlib.lab.bench [--repeat 30] [--device cpu] [--dtype float32] [--shapes 256x1024,...]
+                              [--threads N] [--clock wall|cpu]
                               [--sections batchnorm,bandwidth,compile,fold,training,figure1] [--json out.json]
 """
 
@@ -70,6 +78,9 @@ __all__ = ["DEFAULT_SHAPES", "naive_batch_norm", "bench_batchnorm", "format_batc
 
 # Data of the MNIST shape for bench_training / bench_figure1: ((x_train, y_train), (x_test, y_test)).
 Data = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+# The clocks of --clock: wall time, or this process's CPU time (see the module docstring).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 # (N, C) is BatchNorm1d, (N, C, H, W) BatchNorm2d: a ResNet-like early layer, an MLP's hidden layer,
 # a ResNet-like late layer.
@@ -126,7 +137,7 @@ def _case(shape: Sequence[int], gen: torch.Generator, device, dtype: torch.dtype
 
 def bench_batchnorm(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int = 30, warmup: int = 3,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    naive: bool = True) -> list[dict]:
+                    naive: bool = True, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     """Time a training-mode forward+backward pass of torch.nn's, bnlib's and a naive BatchNorm.
 
     Args:
@@ -135,6 +146,7 @@ def bench_batchnorm(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: in
         warmup: untimed calls of each candidate first.
         device, dtype: where and in which dtype to run.
         naive: also time :func:`naive_batch_norm` (autograd backward).
+        clock: the clock of :func:`bnlib.lab.timing.compare` (one of :data:`CLOCKS`).
 
     Returns:
         One dict per shape: ``shape``, ``layer`` (e.g. ``"BatchNorm2d"``), ``torch_ms``, ``bnlib_ms``,
@@ -156,7 +168,7 @@ def bench_batchnorm(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: in
             bias = torch.zeros(C, device=device, dtype=dtype, requires_grad=True)
             rm, rv = torch.zeros(C, device=device, dtype=dtype), torch.ones(C, device=device, dtype=dtype)
             fns["naive"] = _fwd_bwd(lambda t: naive_batch_norm(t, rm, rv, weight, bias), x, g, [weight, bias])
-        res = compare(fns, repeat=repeat, warmup=warmup, device=device, baseline="torch")
+        res = compare(fns, repeat=repeat, warmup=warmup, device=device, baseline="torch", clock=clock)
         row = {"shape": shape, "layer": torch_cls.__name__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "threads": torch.get_num_threads()}
         for name in fns:
@@ -186,7 +198,7 @@ def format_batchnorm_table(rows: Sequence[dict]) -> str:
 
 def batchnorm_section(args: argparse.Namespace) -> list[dict]:
     """Section: BatchNorm forward+backward, bnlib and a naive version against torch.nn."""
-    rows = bench_batchnorm(args.shapes, repeat=args.repeat, device=args.device, dtype=args.dtype)
+    rows = bench_batchnorm(args.shapes, repeat=args.repeat, device=args.device, dtype=args.dtype, clock=args.clock)
     print(f"BatchNorm, training mode, forward + backward: {rows[0]['dtype']} on {rows[0]['device']}, "
           f"{rows[0]['threads']} threads, median of {args.repeat} interleaved repetitions; "
           "ratio = time / torch.nn's time")
@@ -225,7 +237,8 @@ def environment(device: str | torch.device = "cpu") -> dict:
     Returns:
         A dict with ``device`` (``"cuda:0"``...), ``device_type``, ``device_name`` (the GPU's name, or
         the CPU's model), ``torch``, ``cuda`` and ``cudnn`` (versions; None on a CPU-only torch),
-        ``python``, ``platform``, ``cpu_count``, ``threads`` (torch's intra-op threads), and ``date``
+        ``python``, ``platform``, ``cpu_count``, ``threads`` (torch's intra-op threads), ``load_average``
+        (the operating system's 1, 5 and 15 minute load averages, where it reports them), and ``date``
         (ISO 8601, UTC).
     """
     dev = torch.device(device)
@@ -243,6 +256,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
             "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
 
 
@@ -254,14 +268,16 @@ def nominal_bandwidth(device_name: str) -> float | None:
     return None
 
 
-def copy_bandwidth(device: str | torch.device = "cpu", mib: int | None = None, min_run_time: float = 0.5) -> float:
+def copy_bandwidth(device: str | torch.device = "cpu", mib: int | None = None, min_run_time: float = 0.5,
+                   clock: Callable[[], float] = timeit.default_timer) -> float:
     """Achievable memory bandwidth (GB/s, 1e9 bytes per second) of a plain ``dst.copy_(src)``.
 
     The copy is of ``mib`` MiB of float32 (default 64 on a CPU, 1024 on a GPU: well beyond the caches)
     and moves ``2 · size`` bytes: each byte read once and written once. A single measurement with no
     rival, so ``torch.utils.benchmark.Timer.blocked_autorange`` times it (for at least
     ``min_run_time`` seconds, in blocks long enough that reading the clock costs nothing), under
-    torch's current thread count and, on a GPU, synchronizing the device at each reading.
+    torch's current thread count and, on a GPU, synchronizing the device at each reading. ``clock``
+    times a CPU copy (one of :data:`CLOCKS`).
     """
     dev = torch.device(device)
     if mib is None:
@@ -272,13 +288,13 @@ def copy_bandwidth(device: str | torch.device = "cpu", mib: int | None = None, m
     timer = torch_benchmark.Timer(stmt="dst.copy_(src)", globals={"dst": dst, "src": src},
                                   num_threads=torch.get_num_threads(),
                                   # the default clock synchronizes any accelerator present; a CPU copy needs none
-                                  **({} if dev.type == "cuda" else {"timer": timeit.default_timer}))
+                                  **({} if dev.type == "cuda" else {"timer": clock}))
     seconds = timer.blocked_autorange(min_run_time=min_run_time).median
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
 def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device = "cpu",
-                    copy_gbs: float | None = None) -> list[dict]:
+                    copy_gbs: float | None = None, clock: Callable[[], float] = timeit.default_timer) -> list[dict]:
     """Memory bandwidth achieved by the forward+backward passes timed by :func:`bench_batchnorm`.
 
     A training-mode forward and backward pass must at least read ``x`` and write ``y`` (forward), then
@@ -292,6 +308,7 @@ def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device =
             ``bnlib_ms``, ``ratio``).
         device: where the rows were measured.
         copy_gbs: the copy bandwidth to compare with; default :func:`copy_bandwidth` measured now.
+        clock: the clock of that copy measurement (the one the rows were timed with).
 
     Returns:
         One dict per row: ``shape``, ``layer``, ``bytes`` (the minimum traffic), ``torch_ms``,
@@ -301,7 +318,7 @@ def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device =
     """
     dev = torch.device(device)
     if copy_gbs is None:
-        copy_gbs = copy_bandwidth(dev)
+        copy_gbs = copy_bandwidth(dev, clock=clock)
     nominal = nominal_bandwidth(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
     out = []
     for r in batchnorm_rows:
@@ -321,8 +338,8 @@ def bench_bandwidth(batchnorm_rows: Sequence[dict], device: str | torch.device =
 def bandwidth_section(args: argparse.Namespace) -> list[dict]:
     """Section: per shape, time, ratio and bandwidth of BN's forward+backward against a plain copy and the floor."""
     rows = args.results.get("batchnorm") or bench_batchnorm(args.shapes, repeat=args.repeat, device=args.device,
-                                                            dtype=args.dtype, naive=False)
-    out = bench_bandwidth(rows, device=args.device)
+                                                            dtype=args.dtype, naive=False, clock=args.clock)
+    out = bench_bandwidth(rows, device=args.device, clock=args.clock)
     nominal = out[0]["nominal_gbs"]
     print(f"Memory bandwidth of BN forward + backward, {rows[0]['dtype']}. A plain copy reaches "
           f"{out[0]['copy_gbs']:.0f} GB/s here" + (f" (datasheet: {nominal:.0f} GB/s)" if nominal else "")
@@ -350,7 +367,7 @@ def _error_line(exc: BaseException) -> str:
 
 def bench_compile(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int = 30, warmup: int = 3,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  backend: str = "inductor") -> list[dict]:
+                  backend: str = "inductor", clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     """bnlib's BatchNorm eager against ``torch.compile(layer, fullgraph=True)``, forward+backward in train mode.
 
     For each shape, compilation starts from scratch (``torch.compiler.reset()``, so every shape is compiled
@@ -363,6 +380,7 @@ def bench_compile(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int 
         shapes, repeat, warmup, device, dtype: as in :func:`bench_batchnorm`.
         backend: the ``torch.compile`` backend (``'inductor'`` fuses into generated kernels; ``'eager'``
             only traces, for quick checks).
+        clock: the clock of the interleaved timings (the first call is always timed in wall time).
 
     Returns:
         One dict per shape: ``shape``, ``layer``, ``device``, ``dtype``, ``threads``, ``backend``,
@@ -392,7 +410,7 @@ def bench_compile(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int 
             row["compile_s"] = time.perf_counter() - t0
             fns = {"torch": _fwd_bwd(theirs, x, g, list(theirs.parameters())),
                    "eager": _fwd_bwd(eager, x, g, list(eager.parameters())), "compiled": step}
-            res = compare(fns, repeat=repeat, warmup=warmup, device=device, baseline="torch")
+            res = compare(fns, repeat=repeat, warmup=warmup, device=device, baseline="torch", clock=clock)
         except Exception as exc:  # noqa: BLE001 - any failure to compile is reported, not fatal
             row["error"] = _error_line(exc)
             rows.append(row)
@@ -408,7 +426,7 @@ def bench_compile(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: int 
 
 def compile_section(args: argparse.Namespace) -> list[dict]:
     """Section: bnlib's BatchNorm eager against ``torch.compile(..., fullgraph=True)``, first-compile time too."""
-    rows = bench_compile(args.shapes, repeat=args.repeat, device=args.device, dtype=args.dtype)
+    rows = bench_compile(args.shapes, repeat=args.repeat, device=args.device, dtype=args.dtype, clock=args.clock)
     print(f"torch.compile(bnlib BatchNorm, fullgraph=True), forward + backward, {rows[0]['dtype']} on "
           f"{rows[0]['device']}, backend {rows[0]['backend']}; ratio = time / torch.nn's eager time")
     head = (f"{'shape':<20} {'compile s':>9} {'torch ms':>9} {'eager ms':>9} {'ratio':>6} {'compiled ms':>11} "
@@ -433,7 +451,7 @@ FOLD_MODELS: dict[str, dict] = {"small CNN (3 conv)": dict(channels=(16, 32, 32)
 
 
 def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: str | torch.device = "cpu",
-               models: dict[str, dict] | None = None) -> list[dict]:
+               models: dict[str, dict] | None = None, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     """Inference time of a CNN with BN against the same CNN with BN folded into its convolutions.
 
     The networks (:data:`FOLD_MODELS`, ``bnlib.lab.models.CNN`` with ``norm="bn"``, seeded, in eval mode,
@@ -470,7 +488,7 @@ def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: 
                 diff = (reference(x.double()) - exact(x.double())).abs().max().item()
                 x = x.to(dev)
                 res = compare({"with BN": lambda: model(x), "folded": lambda: folded(x)}, repeat=repeat,
-                              warmup=3, number=5 if bs == 1 else 1, device=dev)
+                              warmup=3, number=5 if bs == 1 else 1, device=dev, clock=clock)
             rows.append({"model": name, "batch": bs, "bn_ms": res.medians["with BN"] * 1e3,
                          "folded_ms": res.medians["folded"] * 1e3, "speedup": res.speedup("with BN", "folded"),
                          "max_abs_diff": diff})
@@ -479,7 +497,7 @@ def bench_fold(batch_sizes: Sequence[int] = (1, 256), repeat: int = 30, device: 
 
 def fold_section(args: argparse.Namespace) -> list[dict]:
     """Section: inference speed-up of folding BN into the convolutions."""
-    rows = bench_fold(repeat=args.repeat, device=args.device)
+    rows = bench_fold(repeat=args.repeat, device=args.device, clock=args.clock)
     print(f"Inference with BN against BN folded into the convolutions, on {args.device}, median of "
           f"{args.repeat} interleaved repetitions")
     print(f"{'model':<20} {'batch':>5} {'with BN ms':>10} {'folded ms':>10} {'speed-up':>8}")
@@ -490,7 +508,7 @@ def fold_section(args: argparse.Namespace) -> list[dict]:
 
 
 def bench_training(rounds: int = 5, steps: int = 300, device: str | None = None,
-                   data: Data | None = None) -> list[dict]:
+                   data: Data | None = None, clock: Callable[[], float] | None = None) -> list[dict]:
     """Training steps/s of Ioffe & Szegedy's MNIST MLP (784-100-100-100-10, sigmoid, batch 60).
 
     Three variants: BN from bnlib, BN from torch.nn, and no BN. Each round trains every variant for
@@ -503,9 +521,12 @@ def bench_training(rounds: int = 5, steps: int = 300, device: str | None = None,
         device: where to train (default: :func:`bnlib.lab.training.fit`'s choice).
         data: ``((x_train, y_train), (x_test, y_test))`` of MNIST's shape; default the real MNIST
             (:func:`bnlib.lab.data.load_mnist`).
+        clock: None for the History's own rate (wall time, evaluation excluded); else a clock of
+            :data:`CLOCKS` read around each call of ``fit`` (its one small evaluation included).
 
     Returns:
-        One dict per variant, in the order bnlib BN, torch.nn BN, no BN: ``model``, ``steps_per_s``.
+        One dict per variant, in the order bnlib BN, torch.nn BN, no BN: ``model``, ``steps_per_s``, and
+        ``ratio_to_torch`` (median over rounds of the variant's rate / torch.nn BN's rate in the same round).
     """
     data = load_mnist() if data is None else data
     variants = {"bnlib BN": "bn", "torch.nn BN": "bn-torch", "no BN": None}
@@ -517,26 +538,29 @@ def bench_training(rounds: int = 5, steps: int = 300, device: str | None = None,
     names = list(variants)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = None if clock is None else clock()
             hist = fit(models[name], data, steps=steps, batch_size=60, lr=0.5, eval_every=steps,
                        max_eval=1000, seed=r, device=device, progress=False)
-            rates[name].append(hist.steps_per_s)
-    return [{"model": name, "steps_per_s": statistics.median(v)} for name, v in rates.items()]
+            rates[name].append(hist.steps_per_s if clock is None else steps / (clock() - t0))
+    return [{"model": name, "steps_per_s": statistics.median(v),
+             "ratio_to_torch": _paired_median(v, rates["torch.nn BN"])} for name, v in rates.items()]
 
 
 def training_section(args: argparse.Namespace) -> list[dict]:
     """Section: training steps/s of the Ioffe MLP with bnlib BN, torch.nn BN and no BN."""
-    rows = bench_training(device=args.device)
+    rows = bench_training(device=args.device, clock=None if args.clock_name == "wall" else args.clock)
     print(f"Training, Ioffe & Szegedy's MLP (784-100-100-100-10, sigmoid, batch 60, SGD) on {args.device}, "
           f"{torch.get_num_threads()} threads, median of 5 rounds of 300 steps")
-    print(f"{'model':<14} {'steps/s':>8}")
-    print("-" * 23)
+    print(f"{'model':<14} {'steps/s':>8} {'/ torch.nn BN':>13}")
+    print("-" * 37)
     for r in rows:
-        print(f"{r['model']:<14} {r['steps_per_s']:8.0f}")
+        print(f"{r['model']:<14} {r['steps_per_s']:8.0f} {r['ratio_to_torch']:12.2f}x")
     return rows
 
 
 def bench_figure1(steps: int = 50_000, device: str | None = None,
-                  variants: dict[str, str | None] | None = None, data: Data | None = None) -> list[dict]:
+                  variants: dict[str, str | None] | None = None, data: Data | None = None,
+                  clock: Callable[[], float] | None = None) -> list[dict]:
     """Ioffe & Szegedy's Figure 1 at full scale, timed: the MNIST MLP trained with and without BN.
 
     The paper's setting (784-100-100-100-10 sigmoid MLP, batch 60, SGD) at learning rate 0.3, seed 0,
@@ -544,8 +568,11 @@ def bench_figure1(steps: int = 50_000, device: str | None = None,
     (``variants`` maps a label to a ``norm=`` of :class:`bnlib.lab.models.MLP`; ``data`` as in
     :func:`bench_training`).
 
+    ``clock``: None for wall time; else a clock of :data:`CLOCKS`, which then gives both ``seconds`` and
+    ``steps_per_s`` (``steps / seconds``, evaluations included).
+
     Returns:
-        One dict per variant: ``model``, ``norm``, ``steps``, ``seconds`` (wall time of the whole run,
+        One dict per variant: ``model``, ``norm``, ``steps``, ``seconds`` (time of the whole run,
         evaluations included), ``steps_per_s``, ``final_acc``, ``steps_to_baseline`` (the first
         evaluation at or above the first variant's final accuracy), and the curve ``test_step``,
         ``test_acc``.
@@ -556,12 +583,14 @@ def bench_figure1(steps: int = 50_000, device: str | None = None,
     for name, norm in variants.items():
         seed_everything(0)
         model = MLP(norm=norm)
-        t0 = time.perf_counter()
+        now = clock or time.perf_counter
+        t0 = now()
         hist = fit(model, data, steps=steps, batch_size=60, lr=0.3, eval_every=min(1000, steps), seed=0,
                    device=device, progress=False)
+        seconds = now() - t0
         hists.append(hist)
-        rows.append({"model": name, "norm": norm, "steps": steps, "seconds": time.perf_counter() - t0,
-                     "steps_per_s": hist.steps_per_s, "final_acc": hist.final_acc,
+        rows.append({"model": name, "norm": norm, "steps": steps, "seconds": seconds,
+                     "steps_per_s": hist.steps_per_s if clock is None else steps / seconds, "final_acc": hist.final_acc,
                      "test_step": list(hist.test_step), "test_acc": list(hist.test_acc)})
     target = hists[0].final_acc
     for row, hist in zip(rows, hists):
@@ -571,7 +600,8 @@ def bench_figure1(steps: int = 50_000, device: str | None = None,
 
 def figure1_section(args: argparse.Namespace) -> list[dict]:
     """Section: Figure 1 of Ioffe & Szegedy at full scale (50,000 steps), with wall times."""
-    rows = bench_figure1(steps=args.figure1_steps, device=args.device)
+    rows = bench_figure1(steps=args.figure1_steps, device=args.device,
+                         clock=None if args.clock_name == "wall" else args.clock)
     print(f"Figure 1 (MNIST MLP, {rows[0]['steps']:,} steps, batch 60, lr 0.3) on {args.device}")
     print(f"{'model':<8} {'seconds':>8} {'steps/s':>8} {'final acc':>9} {'reaches no-BN final at':>23}")
     print("-" * 60)
@@ -656,6 +686,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                         help=f"comma-separated sections to run, in order, from {','.join(SECTIONS)} "
                              f"(default: {','.join(DEFAULT_SECTIONS)})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads for the run (default: as set, e.g. by OMP_NUM_THREADS)")
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                        help="wall time (default), or this process's CPU time: steadier on a shared machine, "
+                             "one thread only")
     parser.add_argument("--figure1-steps", type=int, default=50_000, help="training steps of the figure1 section")
     parser.add_argument("--json", metavar="PATH", help="also write the results and the machine's description here")
     args = parser.parse_args(argv)
@@ -663,6 +698,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     unknown = [n for n in names if n not in SECTIONS]
     if unknown or not names:
         parser.error(f"unknown section(s) {unknown}; expected a comma-separated list from {list(SECTIONS)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"expected --threads >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        parser.error(f"--clock cpu adds up the CPU time of all threads; use it with one thread, not "
+                     f"{torch.get_num_threads()}")
+    args.clock_name, args.clock = args.clock, CLOCKS[args.clock]
     if args.device is None:
         args.device = _default_device()
     args.dtype = getattr(torch, args.dtype)
@@ -672,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except ValueError:
         parser.error(f"expected --shapes like 256x1024,32x256x14x14, got {args.shapes!r}")
     args.results = {}
-    out = {"environment": environment(args.device)}
+    out = {"environment": {**environment(args.device), "clock": args.clock_name}}
     start = time.perf_counter()
     for name in names:
         args.results[name] = SECTIONS[name](args)
