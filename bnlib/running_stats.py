@@ -51,7 +51,7 @@ CONVENTIONS: dict[str, dict] = {
     "keras": dict(name="Keras 3 / TensorFlow (BatchNormalization)", momentum_weights="old", momentum=0.99,
                   eps=1e-3, running_var="biased",
                   mode_switch="call(training=...); trainable=False forces inference mode",
-                  source="keras 3.15.1, keras/src/layers/normalization/batch_normalization.py"),
+                  source="keras 3.15.1 on the torch backend (checked by tests/test_keras_conventions.py)"),
     "flax": dict(name="Flax/JAX (flax.linen.BatchNorm)", momentum_weights="old", momentum=0.99, eps=1e-5,
                  running_var="biased", mode_switch="use_running_average=True / False",
                  source="flax 0.12.8, flax/linen/normalization.py"),
