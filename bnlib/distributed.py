@@ -310,7 +310,8 @@ class SyncBatchNorm(_BatchNorm):
     bnlib's BatchNorm, with no communication. Works with ``gloo`` (CPU) and ``nccl`` (GPU).
 
     ``weight.grad`` and ``bias.grad`` on each replica are that replica's contribution; summed over
-    replicas they are the full-batch gradients (DDP's gradient all-reduce does this).
+    replicas they are the gradients of the sum of the replicas' losses. DDP's gradient all-reduce
+    averages them over the replicas, which gives the gradient of the mean of the replicas' losses.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,

@@ -24,17 +24,12 @@ spatial positions, which is what makes the fold possible.
 
 Public API
 ----------
-``fold_batchnorm(model, strict=True, method="auto") -> nn.Module``
+``fold_batchnorm(model, strict=True, method="auto", example_input=None) -> nn.Module``
     Returns a folded deep copy in eval mode; the argument is never modified.
-    Every folded BN is replaced by ``nn.Identity`` and the layer before it gets
-    the folded weight and a (possibly new) bias. The report of what was done is
-    attached to the result and can be read with ``fold_report(folded)``.
-``fold_batchnorm_with_report(model, strict=True, method="auto")``
-    Same, returning ``(folded_model, FoldReport)``.
-``fold_report(folded_model) -> FoldReport``
-    ``.folded``: list of ``(layer_name, bn_name)`` pairs that were folded;
-    ``.skipped``: list of ``(bn_name, reason)`` for every BN left in place;
-    ``.method``: ``"fx"`` or ``"sequential"``, the detection used.
+    Every folded BN is replaced by ``nn.Identity`` (or, after a ``Linear``, by
+    a :class:`LinearFoldGuard`, below) and the layer before it gets the folded
+    weight and a (possibly new) bias. With ``strict=True`` a :class:`FoldError`
+    lists every BN that cannot be folded, by qualified name and reason.
 ``count_batchnorms(model) -> int``, ``is_batchnorm(module) -> bool``.
 
 How "directly follows" is decided
@@ -74,12 +69,23 @@ reason) when:
 
 Accepted layers: ``nn.Conv1d/2d/3d`` (any ``groups``, hence depthwise; any
 ``padding_mode``), ``nn.ConvTranspose1d/2d/3d`` (weight layout
-``(in, out/groups, k...)`` handled group-wise) and ``nn.Linear``. For
-``Linear -> BatchNorm1d`` the BN must see a ``(N, C)`` input (the usual case);
-a ``Linear`` applied to ``(N, L, C)`` followed by ``BatchNorm1d`` would
-normalize dimension ``L`` and is not a per-output-feature map -- such a model
-would almost always fail the channel-count check, but fx cannot see shapes,
-so this assumption is the caller's responsibility.
+``(in, out/groups, k...)`` handled group-wise) and ``nn.Linear``.
+
+``Linear -> BatchNorm`` is one affine map only when the BN sees the Linear's
+output as ``(N, C)``. A ``Linear`` applied to ``(N, L, C)`` acts on the last
+dimension, but ``BatchNorm1d`` normalizes dimension 1 (``L``): each of the
+``L`` positions gets its own scale, which no Linear weight can absorb -- and
+when ``L`` equals the number of features the channel counts even match. fx
+cannot see shapes, so:
+
+* with ``example_input`` (a batch the model accepts) the model is run once,
+  the input of every BN is recorded, and a ``Linear -> BN`` pair whose BN
+  input is not 2-D is refused by name; a 2-D one is folded into a plain
+  ``nn.Identity``;
+* without it, the pair is folded and the BN replaced by a
+  :class:`LinearFoldGuard`: an identity for ``(N, C)`` input that raises a
+  ``ValueError`` naming the folded BN for any other shape, so the folded
+  model never silently computes something else.
 
 The fold is computed in float64 and cast back to the parameter dtype, so in
 float32 the folded model matches the unfolded eval model to about 1e-6.
@@ -87,7 +93,6 @@ float32 the folded model matches the unfolded eval model to about 1e-6.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -98,15 +103,11 @@ from .variants import BatchLayerNorm
 
 __all__ = [
     "FoldError",
-    "FoldReport",
+    "LinearFoldGuard",
     "count_batchnorms",
     "fold_batchnorm",
-    "fold_batchnorm_with_report",
-    "fold_report",
     "is_batchnorm",
 ]
-
-_REPORT_ATTR = "_bnlib_fold_report"
 
 # Layers we know how to fold into, identified by their *forward* function so that
 # subclasses with a different forward (weight standardization, QAT, ...) are refused.
@@ -127,13 +128,28 @@ class FoldError(ValueError):
     """Raised by ``fold_batchnorm(..., strict=True)`` when a BN cannot be folded."""
 
 
-@dataclass
-class FoldReport:
-    """What ``fold_batchnorm`` did: folded pairs, skipped BNs with reasons, method."""
+class LinearFoldGuard(nn.Module):
+    """Stands where a BatchNorm was folded into the ``Linear`` before it (see the module docstring).
 
-    method: str
-    folded: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    Passes a 2-D ``(N, C)`` input through unchanged -- the only shape for which the fold is exact --
+    and raises ValueError, naming the folded BN, for any other.
+    """
+
+    def __init__(self, bn_name: str, num_features: int) -> None:
+        super().__init__()
+        self.bn_name, self.num_features = bn_name, num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(
+                f"BatchNorm {self.bn_name!r} was folded into the Linear before it, which is exact only when "
+                f"that Linear's output is (N, {self.num_features}); here it has shape {tuple(x.shape)}, and "
+                "BatchNorm would normalize dimension 1, not the Linear's features. Fold with "
+                "fold_batchnorm(model, example_input=x) to check the shapes, or do not fold this model.")
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.bn_name!r}, num_features={self.num_features}"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -325,11 +341,54 @@ def _pairs_sequential(model: nn.Module, names: dict[int, str], why: str):
     return pairs, skipped
 
 
+def _bn_input_dims(model: nn.Module, example_input) -> dict[int, tuple[int, ...]]:
+    """Shape of the input of every BN in one eval-mode forward pass of ``example_input``."""
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record(module, args):
+        shapes.setdefault(id(module), tuple(args[0].shape))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if is_batchnorm(m)]
+    try:
+        with torch.no_grad():
+            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _linear_problem(layer: nn.Module, bn: nn.Module, shapes: dict[int, tuple[int, ...]],
+                    layer_name: str) -> str | None:
+    """Why ``Linear -> bn`` is not one affine map for ``example_input`` (None: it is)."""
+    if id(bn) not in shapes:
+        return "it is not called when the model runs example_input"
+    shape = shapes[id(bn)]
+    if len(shape) == 2:
+        return None
+    return (f"the Linear {layer_name!r} gives it a {len(shape)}-D input {shape}: BatchNorm normalizes dimension 1 "
+            f"(size {shape[1]}), not the Linear's {layer.out_features} output features, so the pair is not one "
+            "affine map")
+
+
 # ---------------------------------------------------------------------- public API
 
-def fold_batchnorm_with_report(model: nn.Module, strict: bool = True,
-                               method: str = "auto") -> tuple[nn.Module, FoldReport]:
-    """Like :func:`fold_batchnorm` but returns ``(folded_model, report)``."""
+def fold_batchnorm(model: nn.Module, strict: bool = True, method: str = "auto",
+                   example_input: torch.Tensor | tuple | None = None) -> nn.Module:
+    """Return an eval-mode deep copy of ``model`` with BatchNorm folded into the
+    Conv/ConvTranspose/Linear layer it directly follows.
+
+    ``model`` itself is not modified (parameters, buffers, training flag).
+    Folded BNs become ``nn.Identity`` (a :class:`LinearFoldGuard` after a
+    Linear, unless ``example_input`` showed the BN's input to be 2-D); a layer
+    without bias gets one. With ``strict=True`` a :class:`FoldError` naming
+    every unfoldable BN and the reason is raised; with ``strict=False`` such
+    BNs are left in place (``count_batchnorms`` counts them). ``method``
+    selects the detection: ``"fx"``, ``"sequential"`` or ``"auto"`` (fx,
+    falling back to Sequential adjacency if tracing fails). ``example_input``:
+    a batch (or tuple of the forward's arguments) run once to check the shapes
+    of Linear -> BN pairs. See the module docstring.
+    """
     if method not in ("auto", "fx", "sequential"):
         raise ValueError(f"method must be 'auto', 'fx' or 'sequential', got {method!r}")
     folded = copy.deepcopy(model).eval()
@@ -351,7 +410,18 @@ def fold_batchnorm_with_report(model: nn.Module, strict: bool = True,
         used = "sequential"
         pairs, skipped = _pairs_sequential(folded, names, "method='sequential'")
 
-    report = FoldReport(method=used, skipped=skipped)
+    shapes = None if example_input is None else _bn_input_dims(folded, example_input)
+    if shapes is not None:
+        checked = []
+        for layer, bn in pairs:
+            reason = (_linear_problem(layer, bn, shapes, names[id(layer)])
+                      if isinstance(layer, nn.Linear) else None)
+            if reason is None:
+                checked.append((layer, bn))
+            else:
+                skipped.append((names[id(bn)], reason))
+        pairs = checked
+
     if strict and skipped:
         lines = "\n".join(f"  - {n}: {r}" for n, r in skipped)
         raise FoldError(f"{len(skipped)} BatchNorm layer(s) cannot be folded "
@@ -363,32 +433,8 @@ def fold_batchnorm_with_report(model: nn.Module, strict: bool = True,
         all_names.setdefault(id(m), []).append(qn)
     for layer, bn in pairs:
         _fold_pair(layer, bn)
-        report.folded.append((names[id(layer)], names[id(bn)]))
+        unproven = isinstance(layer, nn.Linear) and shapes is None
         for qn in all_names[id(bn)]:
-            _set_module(folded, qn, nn.Identity())
-    return folded, report
-
-
-def fold_batchnorm(model: nn.Module, strict: bool = True, method: str = "auto") -> nn.Module:
-    """Return an eval-mode deep copy of ``model`` with BatchNorm folded into the
-    Conv/ConvTranspose/Linear layer it directly follows.
-
-    ``model`` itself is not modified (parameters, buffers, training flag).
-    Folded BNs become ``nn.Identity``; a layer without bias gets one.
-    With ``strict=True`` a :class:`FoldError` naming every unfoldable BN and
-    the reason is raised; with ``strict=False`` such BNs are left in place and
-    listed in ``fold_report(result).skipped``. ``method`` selects the
-    detection: ``"fx"``, ``"sequential"`` or ``"auto"`` (fx, falling back to
-    Sequential adjacency if tracing fails). See the module docstring.
-    """
-    folded, report = fold_batchnorm_with_report(model, strict=strict, method=method)
-    object.__setattr__(folded, _REPORT_ATTR, report)
+            _set_module(folded, qn, LinearFoldGuard(names[id(bn)], bn.num_features) if unproven
+                        else nn.Identity())
     return folded
-
-
-def fold_report(folded_model: nn.Module) -> FoldReport:
-    """The :class:`FoldReport` attached to a model returned by :func:`fold_batchnorm`."""
-    try:
-        return object.__getattribute__(folded_model, _REPORT_ATTR)
-    except AttributeError:
-        raise ValueError("this model was not produced by bnlib.fold.fold_batchnorm") from None

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bnlib.lab import launch as ddp_train
-from bnlib.lab import models
+from bnlib.lab import launch, models
 from bnlib.lab.launch import _build_model
 
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -16,22 +15,22 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 def test_pick_backend():
     if torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available():
-        assert ddp_train.pick_backend(2) == ("nccl", "cuda")
+        assert launch.pick_backend(2) == ("nccl", "cuda")
     else:
-        assert ddp_train.pick_backend(2) == ("gloo", "cpu")
-    assert ddp_train.pick_backend(2, "gloo") == ("gloo", "cpu")
+        assert launch.pick_backend(2) == ("gloo", "cpu")
+    assert launch.pick_backend(2, "gloo") == ("gloo", "cpu")
     with pytest.raises(ValueError):
-        ddp_train.pick_backend(2, "mpi")
+        launch.pick_backend(2, "mpi")
     if not (torch.cuda.is_available() and torch.cuda.device_count() >= 64):
         with pytest.raises(RuntimeError):
-            ddp_train.pick_backend(64, "nccl")
+            launch.pick_backend(64, "nccl")
 
 
 def test_build_model_norms_and_errors():
     from bnlib.distributed import SyncBatchNorm
     from bnlib.variants import GhostBatchNorm2d
 
-    base = dict(ddp_train.DEFAULTS, channels=(4, 8))
+    base = dict(launch.DEFAULTS, channels=(4, 8))
     assert any(isinstance(m, SyncBatchNorm) for m in _build_model({**base, "norm": "sync"}).modules())
     local = _build_model({**base, "norm": "local"})
     assert not any(isinstance(m, SyncBatchNorm) for m in local.modules())
@@ -45,16 +44,30 @@ def test_build_model_norms_and_errors():
 
 def test_run_ddp_rejects_unknown_options():
     with pytest.raises(TypeError):
-        ddp_train.run_ddp(nrom="sync")
+        launch.run_ddp(nrom="sync")
     with pytest.raises(TypeError):
-        ddp_train.compare_norms(("sync",), stepz=3)
+        launch.compare_norms(("sync",), stepz=3)
+    with pytest.raises(TypeError, match="an entry of runs"):
+        launch.run_many([{"norm": "sync", "sead": 1}])
+    with pytest.raises(ValueError, match="world_size and backend must be the same"):
+        launch.run_many([{"norm": "sync", "world_size": 3}])
 
 
 @needs_gloo
 def test_torch_syncbn_cpu_error_leaves_no_group():
-    msg = ddp_train.torch_syncbn_cpu_error()
+    msg = launch.torch_syncbn_cpu_error()
     assert msg is not None and "GPU" in msg  # if torch lifts the restriction, the chapter must change
     assert not dist.is_initialized()
+
+
+def test_replica_order_slices_one_global_order():
+    world, b, n = 3, 4, 50                     # 4 global batches of 12 per epoch, 2 examples left out
+    orders = [launch.replica_order(n, world, r, b, seed=7, device=torch.device("cpu")) for r in range(world)]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+    for step in (0, 1, 3, 4, 9):
+        glob = torch.cat([o(step) for o in orders])
+        s = step % 4
+        assert torch.equal(glob, perm[s * world * b:(s + 1) * world * b])
 
 
 def _batch(n=16):
@@ -67,38 +80,41 @@ def test_gradient_accumulation_gap():
     torch.manual_seed(0)
     bn = models.CNN(channels=(4, 8), norm="bn")
     before = {k: v.clone() for k, v in bn.state_dict().items()}
-    r = ddp_train.gradient_accumulation_gap(bn, x, y, micro_batches=4)
+    r = launch.gradient_accumulation_gap(bn, x, y, micro_batches=4)
     assert r["micro_batch_size"] == 4
     assert r["grad_rel_diff"] > 1e-2 and r["logits_max_diff"] > 1e-3
     assert all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items())  # model untouched
     assert all(p.grad is None for p in bn.parameters())
     # one micro-batch is the big batch
-    assert ddp_train.gradient_accumulation_gap(bn, x, y, micro_batches=1)["grad_max_diff"] == 0.0
+    assert launch.gradient_accumulation_gap(bn, x, y, micro_batches=1)["grad_max_diff"] == 0.0
     torch.manual_seed(0)
     free = models.CNN(channels=(4, 8), norm="gn")
-    r = ddp_train.gradient_accumulation_gap(free, x, y, micro_batches=4)
+    r = launch.gradient_accumulation_gap(free, x, y, micro_batches=4)
     assert r["grad_rel_diff"] < 1e-12 and r["logits_max_diff"] < 1e-12
-    r32 = ddp_train.gradient_accumulation_gap(free, x, y, micro_batches=4, dtype=None)
+    r32 = launch.gradient_accumulation_gap(free, x, y, micro_batches=4, dtype=None)
     assert r32["grad_rel_diff"] < 1e-4  # float32: rounding only
     with pytest.raises(ValueError):
-        ddp_train.gradient_accumulation_gap(free, x, y, micro_batches=3)
+        launch.gradient_accumulation_gap(free, x, y, micro_batches=3)
 
 
 @needs_gloo
 def test_check_sync_equivalence():
-    r = ddp_train.check_sync_equivalence(world_size=2, batch_per_replica=3, channels=4, spatial=(3, 2),
+    r = launch.check_sync_equivalence(world_size=2, batch_per_replica=3, channels=4, spatial=(3, 2),
                                          dtype="float64", timeout_s=60)
     assert r["backend"] in ("gloo", "nccl")
     for q in ("output", "input_grad", "weight_grad", "bias_grad", "running_mean", "running_var"):
         assert r[q] < 1e-10, (q, r[q])
     assert r["local_bn_output"] > 1e-2
+    # DDP's all-reduce averages the replicas' gradients (it does not add them up)
+    assert r["ddp_grad_vs_mean"] < 1e-12
+    assert r["ddp_grad_vs_sum"] > 0.1 * r["ddp_grad_scale"] and r["ddp_grad_vs_own"] > 0.1 * r["ddp_grad_scale"]
 
 
 @needs_gloo
 def test_compare_norms_and_run_ddp_tiny():
     kw = dict(world_size=2, batch_per_replica=2, steps=12, channels=(4, 8), test_examples=100, log_every=4,
               backend="gloo")
-    runs = ddp_train.compare_norms(("local", "sync"), timeout_s=120, **kw)
+    runs = launch.compare_norms(("local", "sync"), timeout_s=120, **kw)
     assert list(runs) == ["local", "sync"]
     for name, r in runs.items():
         assert r["norm"] == name and r["global_batch"] == 4 and r["test_examples"] == 100
@@ -108,6 +124,6 @@ def test_compare_norms_and_run_ddp_tiny():
     assert runs["local"]["syncbn_collectives_per_step"] == 0 and runs["local"]["syncbn_comm_ms"] == 0
     assert runs["sync"]["syncbn_collectives_per_step"] == 4  # 2 BN layers x (forward + backward)
     # run_ddp alone reproduces the same numbers (seeded; gloo sums of two are order-independent)
-    again = ddp_train.run_ddp(norm="sync", timeout_s=120, **kw)
+    again = launch.run_ddp(norm="sync", timeout_s=120, **kw)
     assert again["test_accuracy"] == runs["sync"]["test_accuracy"]
     assert again["loss_curve"] == runs["sync"]["loss_curve"]

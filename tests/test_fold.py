@@ -4,14 +4,7 @@ import torch
 from torch import nn
 
 from bnlib import BatchLayerNorm
-from bnlib.fold import (
-    FoldError,
-    count_batchnorms,
-    fold_batchnorm,
-    fold_batchnorm_with_report,
-    fold_report,
-    is_batchnorm,
-)
+from bnlib.fold import FoldError, LinearFoldGuard, count_batchnorms, fold_batchnorm, is_batchnorm
 
 TOL = 1e-5
 FAMILIES = ["torch", "bnlib"]
@@ -60,6 +53,15 @@ def assert_folds(model, x, expect_bn_left=0, **kw):
     return folded
 
 
+def folded_names(folded):
+    """Qualified names of the BNs a fold replaced (by nn.Identity or a LinearFoldGuard)."""
+    return sorted(n for n, m in folded.named_modules() if isinstance(m, (nn.Identity, LinearFoldGuard)))
+
+
+def left_bns(folded):
+    return sorted(n for n, m in folded.named_modules() if is_batchnorm(m))
+
+
 def bn_modules_have_nontrivial_stats(model):
     for m in model.modules():
         if is_batchnorm(m) and m.track_running_stats:
@@ -82,7 +84,7 @@ def test_conv_bn(family, dim, bias):
     folded = assert_folds(model, x)
     assert isinstance(folded[1], nn.Identity)
     assert folded[0].bias is not None  # created when bias=False
-    assert fold_report(folded).folded == [("0", "1")]
+    assert folded_names(folded) == ["1"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,6 +96,9 @@ def test_linear_bn1d(family):
     prepare(model, x)
     folded = assert_folds(model, x)
     assert folded[3].bias is not None
+    assert isinstance(folded[1], LinearFoldGuard) and isinstance(folded[4], LinearFoldGuard)
+    proven = assert_folds(model, x, example_input=x)        # shapes checked: plain identities
+    assert type(proven[1]) is nn.Identity and type(proven[4]) is nn.Identity
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -189,10 +194,8 @@ def test_nested_resnet(family):
     n_bn = count_batchnorms(model)
     assert n_bn == 1 + 2 * 3 + 1
     folded = assert_folds(model, x)
-    rep = fold_report(folded)
-    assert rep.method == "fx" and rep.skipped == [] and len(rep.folded) == n_bn
-    assert ("layers.0.conv1", "layers.0.bn1") in rep.folded
-    assert ("layers.1.down.0", "layers.1.down.1") in rep.folded
+    assert len(folded_names(folded)) == n_bn and left_bns(folded) == []
+    assert "layers.0.bn1" in folded_names(folded) and "layers.1.down.1" in folded_names(folded)
     assert isinstance(folded.layers[0].bn2, nn.Identity)
     assert type(folded) is Net  # the user's classes are kept, not an fx GraphModule
 
@@ -230,9 +233,7 @@ def test_bn_after_relu(family):
         fold_batchnorm(model)
     folded = assert_folds(model, x, expect_bn_left=1, strict=False)
     assert isinstance(folded[1], nn.Identity) and is_batchnorm(folded[3])
-    rep = fold_report(folded)
-    assert [n for n, _ in rep.skipped] == ["3"]
-    assert rep.folded == [("0", "1")]
+    assert left_bns(folded) == ["3"] and folded_names(folded) == ["1"]
 
 
 class SharedOutput(nn.Module):
@@ -326,13 +327,10 @@ def test_untraceable_falls_back_to_sequential(family):
     model = Untraceable(family)
     x = make_input(2, 3)
     prepare(model, x)
-    with pytest.raises(FoldError, match=r"bn: cannot tell"):
+    with pytest.raises(FoldError, match=r"(?s)detection: sequential.*bn: cannot tell"):
         fold_batchnorm(model)
     folded = assert_folds(model, x, expect_bn_left=1, strict=False)
-    rep = fold_report(folded)
-    assert rep.method == "sequential"
-    assert rep.folded == [("features.0", "features.1")]
-    assert [n for n, _ in rep.skipped] == ["bn"]
+    assert folded_names(folded) == ["features.1"] and left_bns(folded) == ["bn"]
     with pytest.raises(Exception):
         fold_batchnorm(model, method="fx")
 
@@ -343,10 +341,9 @@ def test_sequential_method(family):
     x = make_input(2, 3)
     prepare(model, x)
     # stem, down and head BNs sit in Sequentials; bn1/bn2 are in a custom forward.
-    folded, rep = fold_batchnorm_with_report(model, strict=False, method="sequential")
-    assert rep.method == "sequential" and len(rep.folded) == 4
-    assert sorted(n for n, _ in rep.skipped) == sorted(
-        f"layers.{i}.bn{j}" for i in (0, 1) for j in (1, 2))
+    folded = fold_batchnorm(model, strict=False, method="sequential")
+    assert len(folded_names(folded)) == 4
+    assert left_bns(folded) == sorted(f"layers.{i}.bn{j}" for i in (0, 1) for j in (1, 2))
     model.eval()
     with torch.no_grad():
         assert (folded(x) - model(x)).abs().max().item() <= TOL
@@ -359,8 +356,6 @@ def test_helpers():
                           nn.LayerNorm(2), nn.BatchNorm1d(2))
     assert count_batchnorms(model) == 2
     assert not is_batchnorm(model[2])
-    with pytest.raises(ValueError):
-        fold_report(model)
 
 
 def test_bnlib_batchnorm_detected():
@@ -383,3 +378,54 @@ def test_batch_layer_norm_is_not_folded():
     model = nn.Sequential(nn.Linear(3, 4), BatchLayerNorm(4)).eval()
     with pytest.raises(FoldError, match="BatchLayerNorm"):
         fold_batchnorm(model)
+
+
+# ------------------------------------------------------- Linear on (N, L, C) followed by BatchNorm1d
+
+def _sequence_linear_bn(family):
+    """Linear(4 -> 5) applied to (N, L=5, 4), then BatchNorm1d(5): BN normalizes L, not the features."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(4, 5), bn_cls(family, 1)(5))
+    x = torch.randn(16, 5, 4) * 2 + 1
+    prepare(model, x)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linear_on_sequences_then_bn1d_is_refused_by_name(family):
+    model, x = _sequence_linear_bn(family)
+    with pytest.raises(FoldError, match=r"(?s)- 1: the Linear '0' gives it a 3-D input \(16, 5, 5\).*dimension 1"):
+        fold_batchnorm(model, example_input=x)
+    kept = fold_batchnorm(model, strict=False, example_input=x)
+    assert left_bns(kept) == ["1"]
+    with torch.no_grad():
+        assert torch.equal(kept(x), model(x))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linear_fold_without_example_input_refuses_other_shapes_at_run_time(family):
+    model, x = _sequence_linear_bn(family)
+    folded = fold_batchnorm(model)          # shapes unknown: folded, guarded
+    with pytest.raises(ValueError, match=r"BatchNorm '1' was folded into the Linear before it.*\(16, 5, 5\)"):
+        folded(x)
+    x2 = torch.randn(8, 4)
+    model2 = nn.Sequential(nn.Linear(4, 5), bn_cls(family, 1)(5))
+    prepare(model2, x2)
+    model2.eval()
+    with torch.no_grad():
+        assert (fold_batchnorm(model2)(x2) - model2(x2)).abs().max() <= TOL
+
+
+def test_example_input_must_reach_the_bn():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5)).eval()
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            return x if x.shape[0] == 1 else self.body(x)
+
+    with pytest.raises(FoldError, match="not called when the model runs example_input"):
+        fold_batchnorm(Skip(), method="sequential", example_input=torch.randn(1, 4))

@@ -49,3 +49,13 @@ def test_no_module_is_named_after_or_introduces_itself_as_a_chapter_helper():
         if path.parent.name == "lab":  # the kit serves every chapter and names none
             assert path.stem not in CHAPTERS, path
             assert "chapters/" not in text, f"{path} names a chapter file"
+
+
+def test_one_training_loop():
+    """Only bnlib.lab.training takes optimizer steps: every training run goes through its train_loop."""
+    stepping = re.compile(r"\b\w*(opt|optimizer|optim)\w*\.step\(")
+    for path in list(ROOT.glob("*.py")) + list((ROOT / "lab").glob("*.py")):
+        if path.name == "training.py":
+            continue
+        for line in path.read_text().splitlines():
+            assert not stepping.search(line), f"{path.name} has a training loop of its own: {line.strip()}"

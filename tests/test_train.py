@@ -1,12 +1,27 @@
 """Tests of bnlib.lab.training: fit, evaluate, History, device selection."""
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from bnlib.lab.training import History, class_subset_sampler, device, evaluate, fit, seed_everything
+from bnlib.lab.training import (
+    EpochOrder,
+    FitInterrupted,
+    History,
+    Plan,
+    Step,
+    batch_statistics,
+    class_subset_sampler,
+    device,
+    evaluate,
+    fit,
+    indexed_batches,
+    seed_everything,
+    train_loop,
+)
 
 
 def blobs(n=400, n_test=200, dim=8, seed=0):
@@ -160,3 +175,191 @@ def test_plots_of_histories():
     ax = plot_lr_sweep({"bn": {0.1: ok, 10.0: bad}, "none": {0.1: 0.8, 1.0: 0.9}})
     assert ax.get_xscale() == "log"
     plt.close("all")
+
+
+# --------------------------------------------------------------------------
+# Evaluation with batch statistics, tuple inputs, argument checks, Ctrl-C
+# --------------------------------------------------------------------------
+
+def _hand_written_train_mode_acc(model, x, y, batch_size):
+    """The pattern evaluate(train_mode=True) replaces: save the state, train(), forward, restore."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.train()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+    model.load_state_dict(saved)
+    model.train(was_training)
+    return correct / len(x)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def test_evaluate_train_mode_uses_batch_statistics_and_leaves_no_trace():
+    model = tiny_model(norm=True)
+    fit(model, blobs(), steps=30, batch_size=20, device="cpu")
+    (x, y), _ = blobs(seed=1)
+    x = x + 6                                      # far from the running statistics
+    model.eval()
+    model[1].train()                               # a mix of modes must come back as it was
+    state, modes = _snapshot(model)
+    acc_batch = evaluate(model, x, y, batch_size=50, train_mode=True)
+    after_state, after_modes = _snapshot(model)
+    assert acc_batch == _hand_written_train_mode_acc(copy.deepcopy(model), x, y, 50)
+    assert after_modes == modes
+    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    assert acc_batch != evaluate(model, x, y, batch_size=50)      # running statistics: another number
+
+
+def test_batch_statistics_restores_buffers_and_modes_even_on_error():
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 2)).eval()
+    x = torch.randn(32, 8) * 4 + 2
+    state, modes = _snapshot(model)
+    with batch_statistics(model) as m:
+        out = m(x)
+        assert m[1].training and not m[2].training   # BN uses the batch, Dropout stays off
+        assert not out.requires_grad
+    z = (model[0](x) - model[0](x).mean(0)) / (model[0](x).var(0, unbiased=False) + 1e-5).sqrt()
+    assert torch.allclose(out, model[3](z * model[1].weight + model[1].bias), atol=1e-5)
+    with pytest.raises(RuntimeError, match="boom"), batch_statistics(model):
+        model(x)
+        raise RuntimeError("boom")
+    after_state, after_modes = _snapshot(model)
+    assert after_modes == modes and all(torch.equal(state[k], after_state[k]) for k in state)
+    assert torch.is_grad_enabled()
+
+
+class LengthModel(nn.Module):
+    """Mean of the first ``lengths[i]`` rows of sequence i, then a linear layer: needs (x, lengths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x, lengths):
+        keep = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).float()
+        mean = (x * keep[..., None]).sum(1) / lengths[:, None].float()
+        return self.out(self.norm(mean))
+
+
+def sequence_blobs(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    lengths = torch.randint(1, 6, (n,), generator=g)
+    x = torch.randn(n, 5, 4, generator=g)
+    x[:, :, 0] += (2 * y - 1).float()[:, None] * 1.5
+    x[torch.arange(5)[None, :] >= lengths[:, None]] = 100.0    # padding that must be ignored
+    return (x, lengths), y
+
+
+def test_fit_and_evaluate_accept_tuple_inputs():
+    seed_everything(0)
+    model = LengthModel()
+    train, test = sequence_blobs(), sequence_blobs(seed=1)
+    h = fit(model, (train, test), steps=60, batch_size=20, lr=0.2, eval_every=30, device="cpu")
+    assert h.final_acc > 0.9
+    assert evaluate(model, *test) == h.final_acc
+    assert evaluate(model, *test, batch_size=7, train_mode=True) > 0.8
+    with pytest.raises(ValueError, match="part 1 has shape"):
+        evaluate(model, (test[0][0], test[0][1][:-1]), test[1])
+
+
+def test_fit_custom_batches_and_clipping():
+    data = blobs()
+    (x, y), _ = data
+    calls = []
+
+    def batches(step, gen):
+        calls.append(step)
+        idx = torch.randint(len(x), (10,), generator=gen)
+        return x[idx] * 0.5, y[idx]
+
+    h = fit(tiny_model(), data, steps=40, batches=batches, clip_grad_norm=0.1, eval_every=20, device="cpu")
+    assert calls == list(range(40)) and h.test_step == [0, 20, 40]
+    model = tiny_model()
+    step_sizes = []
+    fit(model, data, steps=5, lr=1.0, clip_grad_norm=1e-3, eval_every=5, device="cpu",
+        callback=lambda s, m, hh: step_sizes.append([p.detach().clone() for p in m.parameters()]),
+        callback_every=1)
+    for before, after in zip(step_sizes, step_sizes[1:]):
+        moved = torch.cat([(a - b).flatten() for a, b in zip(after, before)]).norm()
+        assert moved <= 1e-3 * (1 + 1e-4)       # lr · ‖g‖ with ‖g‖ clipped to 1e-3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=5, batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(steps=5, batch_size=-3), "batch_size must be a positive integer"),
+    (dict(steps=5, batch_size=2.5), "batch_size must be a positive integer"),
+    (dict(steps=0), "steps must be a positive integer"),
+    (dict(epochs=float("nan")), "epochs must be a finite number"),
+    (dict(steps=5, lr=float("nan")), "lr must be a finite number"),
+    (dict(steps=5, lr=float("inf")), "lr must be a finite number"),
+    (dict(steps=5, lr=-0.1), "lr must be a finite number >= 0"),
+    (dict(steps=5, momentum=float("nan")), "momentum must be"),
+    (dict(steps=5, eval_every=0), "eval_every must be a positive integer"),
+    (dict(steps=5, max_eval=0), "max_eval must be a positive integer"),
+    (dict(steps=5, optimizer="rmsprop-ish"), "unknown optimizer"),
+    (dict(steps=5, clip_grad_norm=0.0), "clip_grad_norm must be positive"),
+    (dict(steps=5, batch_size=1000), "exceeds the 400 training examples"),
+])
+def test_fit_refuses_bad_arguments_up_front(kwargs, message):
+    model = tiny_model()
+    before = _snapshot(model)[0]
+    with pytest.raises(ValueError, match=message):
+        fit(model, blobs(), device="cpu", **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # nothing ran
+
+
+def test_fit_refuses_bad_data_up_front():
+    (x, y), test = blobs()
+    with pytest.raises(ValueError, match=r"shape \(399, 8\) but there are 400 labels"):
+        fit(tiny_model(), ((x[:-1], y), test), steps=5, device="cpu")
+    with pytest.raises(ValueError, match="training set is empty.*sampler"):
+        fit(tiny_model(), ((x[:0], y[:0]), test), steps=5, device="cpu", sampler=lambda i, g: torch.zeros(4).long())
+    with pytest.raises(ValueError, match="test set is empty"):
+        fit(tiny_model(), ((x, y), (x[:0], y[:0])), steps=5, device="cpu")
+    with pytest.raises(ValueError, match=r"data must be \(\(x_train, y_train\), \(x_test, y_test\)\)"):
+        fit(tiny_model(), (x, y), steps=5, device="cpu")
+    with pytest.raises(ValueError, match="at most one of sampler= and batches="):
+        fit(tiny_model(), ((x, y), test), steps=5, device="cpu", sampler=lambda i, g: None,
+            batches=lambda i, g: None)
+
+
+def test_ctrl_c_keeps_the_partial_history():
+    def callback(step, model, hist):
+        if step == 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(tiny_model(), blobs(), steps=100, batch_size=20, eval_every=20, loss_every=5,
+            callback=callback, callback_every=10, device="cpu")
+    assert isinstance(info.value, FitInterrupted)
+    h = info.value.history
+    assert h.interrupted and not h.diverged
+    assert h.step == [5, 10, 15, 20, 25, 30] and len(h.train_loss) == 6
+    assert h.test_step == [0, 20] and h.steps_per_s > 0
+    assert History.from_dict(h.to_dict()).interrupted
+
+
+def test_train_loop_stops_when_any_replica_diverges():
+    """Data-parallel runs pass ``any_replica`` (an all-reduce): one replica's divergence stops them all."""
+    (x, y), (xt, yt) = blobs()
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = indexed_batches((x,), y, EpochOrder(len(x), 20, torch.Generator().manual_seed(0), x.device))
+    plan = Plan(total=100, eval_every=100, loss_every=10, check_every=10)
+    votes = []
+
+    def other_replica_diverged_at_30(flag):
+        votes.append(flag)
+        return len(votes) == 3
+
+    h = train_loop(model, batches, Step(model, opt), plan, lambda m: evaluate(m, xt, yt), History(),
+                   any_replica=other_replica_diverged_at_30)
+    assert votes == [False, False, False]
+    assert h.diverged and h.diverged_at == 30 and h.step == [10, 20, 30] and h.test_step == [0, 30]

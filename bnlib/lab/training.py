@@ -1,10 +1,19 @@
 """Training loop, evaluation and run records for the book's experiments.
 
-Every chapter that trains a model goes through :func:`fit`: "Why normalize?"
-and "The algorithm" (the MNIST MLP of Ioffe & Szegedy, Figure 1), "Restoring
-the distribution", "Batch normalization in convolutional networks",
-"Limitations and alternatives" (small and non-i.i.d. batches, via
-``sampler``) and "Batch normalization across devices".
+Every training run of the book goes through one loop, :func:`train_loop`, built from pieces a
+reader can take one at a time:
+
+* a **batch source** ``step -> (inputs, labels)``: :class:`EpochOrder` (a fresh permutation per
+  epoch) or a ``sampler``, turned into batches by :func:`indexed_batches`;
+* a **step** ``(inputs, labels) -> loss``: :class:`Step` (forward, cross-entropy, backward,
+  optimizer); the data-parallel step of :mod:`bnlib.lab.launch` subclasses it;
+* a **plan** (:class:`Plan`): when to evaluate, record the loss, call back, probe;
+* an **evaluator** ``model -> accuracy``: :func:`evaluate`, with ``train_mode=True`` (or the
+  context manager :func:`batch_statistics`) for BN with the statistics of each test batch;
+* the **run record** :class:`History`.
+
+:func:`fit` is the single-process front end (its arguments are checked before anything runs);
+``bnlib.lab.launch.train_replica`` runs the same loop in each data-parallel process.
 
 The loop is written for speed on a laptop CPU as much as for a GPU:
 
@@ -14,7 +23,8 @@ The loop is written for speed on a laptop CPU as much as for a GPU:
   *sync points* (every ``check_every`` steps, at evaluations, at callbacks and
   at the end), so no step waits for the GPU;
 * a run that diverges (a non-finite loss) stops and says so in its
-  :class:`History` instead of raising.
+  :class:`History` instead of raising; Ctrl-C raises :class:`FitInterrupted`,
+  which carries the History so far.
 
 Reproducibility pattern (the caller builds the model, so the caller seeds it)::
 
@@ -28,6 +38,7 @@ Running this twice on the CPU gives two histories for which
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +46,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,8 +60,15 @@ __all__ = [
     "seed_everything",
     "History",
     "fit",
+    "FitInterrupted",
     "evaluate",
+    "batch_statistics",
     "class_subset_sampler",
+    "train_loop",
+    "Plan",
+    "Step",
+    "EpochOrder",
+    "indexed_batches",
 ]
 
 _DEVICE_HELP = (
@@ -163,7 +181,8 @@ class History:
       since :func:`fit` started;
     * scalars: ``steps_per_s`` (training updates per second, evaluation time
       excluded), ``diverged`` / ``diverged_at`` (the first update whose loss
-      was NaN or infinite) and ``config`` (the arguments of the run).
+      was NaN or infinite), ``interrupted`` (stopped by Ctrl-C: see
+      :class:`FitInterrupted`) and ``config`` (the arguments of the run).
     """
 
     step: list[int] = field(default_factory=list)
@@ -175,6 +194,7 @@ class History:
     steps_per_s: float = 0.0
     diverged: bool = False
     diverged_at: int | None = None
+    interrupted: bool = False
     config: dict[str, Any] = field(default_factory=dict)
 
     _TIMING_FIELDS = ("wall_time", "steps_per_s")
@@ -280,33 +300,112 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 10000) -> float:
+def _parts(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The model's inputs as a tuple: ``x`` alone, or the tensors of a tuple ``(x, lengths, ...)``."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _check_parts(parts: tuple[torch.Tensor, ...], y: torch.Tensor, what: str) -> int:
+    """Returns the number of examples; raises ValueError unless every part and ``y`` have that many."""
+    if not parts:
+        raise ValueError(f"{what}: the inputs are an empty tuple; expected a tensor or a tuple of tensors")
+    n = len(y)
+    for k, t in enumerate(parts):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: input part {k} is a {type(t).__name__}; expected a tensor")
+        if t.dim() == 0 or len(t) != n:
+            shape = tuple(t.shape)
+            raise ValueError(f"{what}: input part {k} has shape {shape} but there are {n} labels; "
+                             "every input tensor needs one row per label (same first dimension)")
+    return n
+
+
+def _saved_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: ``model`` in eval mode under no_grad; every submodule's mode restored on exit."""
+    modes = _saved_modes(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        _restore_modes(modes)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: run ``model`` with batch statistics (BN in training mode), leaving no trace.
+
+    Inside the ``with`` block the model is in training mode (its Dropout layers stay in eval mode) and
+    gradients are off, so every batch-statistics layer normalizes a batch with that batch's own mean
+    and variance. On exit, every buffer (``running_mean``, ``running_var``, ``num_batches_tracked``, ...)
+    is the same tensor with the same values as before, and every submodule is back in its own
+    train/eval mode::
+
+        with batch_statistics(model):
+            out = model(x)          # BN uses x's statistics; no grad
+
+    This replaces "save the state_dict, train(), forward, load the state_dict back".
+    """
+    modes = _saved_modes(model)
+    buffers = [(m, name, buf, buf.detach().clone())
+               for m in model.modules() for name, buf in m.named_buffers(recurse=False)]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        with torch.no_grad():
+            for m, name, buf, saved in buffers:
+                setattr(m, name, buf)      # the original tensor, even if the forward replaced it
+                buf.copy_(saved)
+        _restore_modes(modes)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor,
+             batch_size: int = 10000, *, train_mode: bool = False) -> float:
     """Classification accuracy of ``model`` on ``(x, y)``.
 
-    Runs in eval mode (BN uses its running statistics) under ``torch.no_grad``,
-    then restores the model's previous train/eval mode. Batches are moved to
-    the model's device if they are not there already. Predictions with NaN
-    logits count as class 0 (``argmax`` puts NaN first), so a diverged model
-    scores the frequency of class 0, close to chance.
+    ``x`` is a tensor, or a tuple of tensors with one row per example (e.g. ``(x, lengths)``); the
+    model is then called as ``model(*parts)`` on each batch of the parts.
+
+    With ``train_mode=False`` (default) the model runs in eval mode (BN uses its running statistics).
+    With ``train_mode=True`` it runs under :func:`batch_statistics`: each consecutive batch of
+    ``batch_size`` test examples is normalized with its own statistics, and the buffers are left as
+    they were. Either way, no gradient is computed and the model's train/eval mode is restored.
+    Batches are moved to the model's device if they are not there already. Predictions with NaN
+    logits count as class 0 (``argmax`` puts NaN first), so a diverged model scores the frequency of
+    class 0, close to chance.
 
     Returns:
         float: the fraction of correctly classified examples, in [0, 1].
     """
-    n = len(x)
+    parts = _parts(x)
+    n = _check_parts(parts, y, "evaluate()")
     if n == 0:
         raise ValueError("evaluate() needs at least one example")
+    if batch_size < 1:
+        raise ValueError(f"evaluate(): batch_size must be a positive integer, got {batch_size}")
     dev = _model_device(model)
-    was_training = model.training
-    model.eval()
+    mode = batch_statistics(model) if train_mode else _eval_mode(model)
     correct = torch.zeros((), dtype=torch.long, device=dev)
-    try:
-        with torch.no_grad():
-            for i in range(0, n, batch_size):
-                xb = x[i:i + batch_size].to(dev, non_blocking=True)
-                yb = y[i:i + batch_size].to(dev, non_blocking=True)
-                correct += (model(xb).argmax(dim=1) == yb).sum()
-    finally:
-        model.train(was_training)
+    with mode:
+        for i in range(0, n, batch_size):
+            xb = [t[i:i + batch_size].to(dev, non_blocking=True) for t in parts]
+            yb = y[i:i + batch_size].to(dev, non_blocking=True)
+            correct += (model(*xb).argmax(dim=1) == yb).sum()
     return correct.item() / n
 
 
@@ -340,6 +439,260 @@ def class_subset_sampler(y: torch.Tensor, batch_size: int, classes_per_batch: in
 
 
 # --------------------------------------------------------------------------
+# The loop's pieces: batch sources, the update step, the loss window
+# --------------------------------------------------------------------------
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # (the model's inputs, the labels)
+
+
+class EpochOrder:
+    """The default order of :func:`fit`: ``order(step)`` gives the indices of that update's examples.
+
+    Every epoch (``n // batch_size`` updates) walks through a fresh random permutation of the ``n``
+    training examples, drawn from ``generator`` on the CPU and moved to ``device`` once; a final
+    incomplete batch is dropped, so every batch has ``batch_size`` examples.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> None:
+        self.n, self.batch_size, self.generator, self.device = n, batch_size, generator, device
+        self.per_epoch = max(1, n // batch_size)
+        self.batches: torch.Tensor | None = None  # this epoch's batches, (per_epoch, batch_size)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        j = step % self.per_epoch
+        if j == 0 or self.batches is None:
+            perm = torch.randperm(self.n, generator=self.generator)[: self.per_epoch * self.batch_size]
+            self.batches = perm.to(self.device).view(self.per_epoch, self.batch_size)
+        return self.batches[j]
+
+
+def indexed_batches(parts: tuple[torch.Tensor, ...], y: torch.Tensor,
+                    order: Callable[[int], torch.Tensor]) -> Callable[[int], Batch]:
+    """A batch source: ``step -> (inputs, labels)``, the rows ``order(step)`` of every part and of ``y``."""
+    def batch(step: int) -> Batch:
+        idx = order(step).to(y.device, non_blocking=True)
+        return tuple(t.index_select(0, idx) for t in parts), y.index_select(0, idx)
+
+    return batch
+
+
+class Step:
+    """One update: forward, cross-entropy, backward, optional gradient clipping, optimizer step.
+
+    ``step(inputs, labels)`` calls ``model(*inputs)`` and returns the loss, still on the device (so no
+    update waits for the host). Subclass it to time or wrap the update (the data-parallel step of
+    :mod:`bnlib.lab.launch` does).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None):
+        self.model, self.optimizer, self.clip_grad_norm = model, optimizer, clip_grad_norm
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.model(*inputs), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+        return loss.detach()
+
+
+@dataclass
+class Plan:
+    """When things happen in :func:`train_loop` (all counts are updates)."""
+
+    total: int                    # updates to run
+    eval_every: int               # evaluate after every this many updates (and at the end)
+    loss_every: int               # close a window of the training loss every this many updates
+    callback_every: int = 0       # call the callback every this many updates (0: never after step 0)
+    probe_every: int = 0          # switch the probes on for every this many-th update (0: never)
+    check_every: int = 50         # copy losses to the host at least every this many updates
+    max_loss: float | None = None  # a loss above it counts as divergence
+    evaluate_first: bool = True   # also evaluate the initial model (step 0)
+
+
+class _LossWindow:
+    """Losses of the updates, kept on the device until a sync point, then averaged into the History.
+
+    :meth:`flush` copies them to the host, closes a window every ``loss_every`` updates (and at the
+    last update) and returns True at the first non-finite loss (or one above ``max_loss``): the window
+    is closed at that update and ``diverged_at`` is set.
+    """
+
+    def __init__(self, hist: History, plan: Plan, lr_of: Callable[[int], float]) -> None:
+        self.hist, self.plan, self.lr_of = hist, plan, lr_of
+        self.pending: list[torch.Tensor] = []
+        self.flushed = 0             # updates whose loss is on the host
+        self.sum, self.n = 0.0, 0    # the open window
+
+    def close(self) -> None:
+        """Record the open window (if any) at the number of updates flushed so far."""
+        if self.n:
+            self.hist.step.append(self.flushed)
+            self.hist.train_loss.append(self.sum / self.n)
+            self.hist.lr.append(self.lr_of(self.flushed - 1))
+            self.sum, self.n = 0.0, 0
+
+    def flush(self) -> bool:
+        if not self.pending:
+            return False
+        values = torch.stack(self.pending).float().cpu().tolist()
+        self.pending.clear()
+        max_loss = self.plan.max_loss
+        for v in values:
+            self.flushed += 1
+            self.sum += v
+            self.n += 1
+            bad = not math.isfinite(v) or (max_loss is not None and v > max_loss)
+            if bad or self.flushed % self.plan.loss_every == 0 or self.flushed == self.plan.total:
+                self.close()
+            if bad:
+                self.hist.diverged, self.hist.diverged_at = True, self.flushed
+                return True
+        return False
+
+
+class _Evaluations:
+    """``record(at)``: the test accuracy after ``at`` updates into the History, with the seconds since
+    the start; ``seconds`` adds up the time spent evaluating (left out of ``steps_per_s``)."""
+
+    def __init__(self, evaluator: Callable[[nn.Module], float], model: nn.Module, hist: History) -> None:
+        self.evaluator, self.model, self.hist = evaluator, model, hist
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+
+    def record(self, at: int) -> None:
+        t0 = time.perf_counter()
+        acc = self.evaluator(self.model)
+        self.seconds += time.perf_counter() - t0
+        self.hist.test_step.append(at)
+        self.hist.test_acc.append(acc)
+        self.hist.wall_time.append(time.perf_counter() - self.start)
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """Raised by :func:`fit` (and :func:`train_loop`) on Ctrl-C: the run so far is in ``.history``.
+
+    It is a :class:`KeyboardInterrupt`, so an interrupted notebook cell or script stops as usual; catch
+    it to keep the partial record (``interrupted=True``, losses up to the last finished update)::
+
+        try:
+            hist = fit(model, data, steps=50_000)
+        except FitInterrupted as stop:
+            hist = stop.history
+    """
+
+    def __init__(self, history: History) -> None:
+        super().__init__(f"training interrupted after {history.step[-1] if history.step else 0} updates")
+        self.history = history
+
+
+# --------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------
+
+def train_loop(
+    model: nn.Module,
+    batches: Callable[[int], Batch],
+    step: Step,
+    plan: Plan,
+    evaluator: Callable[[nn.Module], float],
+    hist: History,
+    *,
+    lr_schedule: Callable[[int], float] | None = None,
+    probes: Sequence[Any] = (),
+    callback: Callable[[int, nn.Module, History], bool | None] | None = None,
+    progress: bool = False,
+    any_replica: Callable[[bool], bool] = bool,
+) -> History:
+    """Run ``plan.total`` updates and record them in ``hist``: the one loop behind every training run.
+
+    Update ``i`` (0-based) takes ``batches(i)``, sets the learning rate ``lr_schedule(i)`` if given,
+    switches the ``probes`` on when ``i % plan.probe_every == 0`` and calls ``step``. Losses stay on the
+    device until a sync point: an evaluation (``evaluator(model)``, every ``plan.eval_every`` updates
+    and at the end), a callback (``callback(i + 1, model, hist)``, every ``plan.callback_every``; True
+    stops the run) or ``plan.check_every`` pending losses. ``any_replica`` turns this process's "the
+    run diverged" into the decision of all processes (data-parallel runs stop together).
+
+    Returns ``hist``; raises :class:`FitInterrupted` (with ``hist``) on Ctrl-C.
+    """
+    groups = step.optimizer.param_groups
+
+    def lr_of(i: int) -> float:  # learning rate of update i
+        return float(lr_schedule(i)) if lr_schedule is not None else float(groups[0]["lr"])
+
+    window = _LossWindow(hist, plan, lr_of)
+    evals = _Evaluations(evaluator, model, hist)
+    record_eval = evals.record
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=plan.total, desc=type(model).__name__, unit="step", leave=True)
+    probe_states = [p.active for p in probes]
+    for p in probes:
+        p.active = False
+    done = 0  # updates completed
+    model.train()
+    try:
+        if plan.evaluate_first:
+            record_eval(0)
+        stop = bool(callback is not None and callback(0, model, hist))
+        while done < plan.total and not stop:
+            inputs, labels = batches(done)
+            probing = bool(probes) and plan.probe_every > 0 and done % plan.probe_every == 0
+            if probing:
+                for p in probes:
+                    p.step, p.active = done, True
+            if lr_schedule is not None:
+                for g in groups:
+                    g["lr"] = lr_of(done)
+            window.pending.append(step(inputs, labels))
+            if probing:
+                for p in probes:
+                    p.active = False
+            done += 1
+
+            is_eval = done % plan.eval_every == 0 or done == plan.total
+            is_cb = callback is not None and plan.callback_every > 0 and done % plan.callback_every == 0
+            if is_eval or is_cb or len(window.pending) >= plan.check_every:
+                n_new = len(window.pending)
+                if any_replica(window.flush()):
+                    if not hist.diverged:  # another replica diverged: stop together
+                        hist.diverged, hist.diverged_at = True, done
+                    record_eval(hist.diverged_at)
+                    break
+                if bar is not None:
+                    bar.update(n_new)
+                if is_eval:
+                    record_eval(done)
+                    if bar is not None and hist.train_loss:
+                        bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", acc=f"{hist.test_acc[-1]:.4f}")
+                stop = bool(is_cb and callback(done, model, hist))
+        if stop and not hist.diverged:  # stopped by the callback: close the record at this update
+            if window.flush():
+                record_eval(hist.diverged_at)
+            else:
+                window.close()
+                if not hist.test_step or hist.test_step[-1] != done:
+                    record_eval(done)
+    except KeyboardInterrupt:
+        window.flush()
+        window.close()
+        hist.interrupted = True
+        raise FitInterrupted(hist) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, state in zip(probes, probe_states):
+            p.active = state
+        model.train()
+        train_time = time.perf_counter() - evals.start - evals.seconds
+        hist.steps_per_s = done / train_time if train_time > 0 else float("inf")
+    return hist
+
+
+# --------------------------------------------------------------------------
 # fit
 # --------------------------------------------------------------------------
 
@@ -356,6 +709,9 @@ def _show_progress(progress: bool | None) -> bool:
         return False
 
 
+_OPTIMIZERS = {"sgd", "adam", "adamw"}
+
+
 def _make_optimizer(optimizer, params, lr: float, momentum: float, weight_decay: float):
     """Returns a torch optimizer from a name, an instance or a factory ``params -> optimizer``."""
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -367,15 +723,83 @@ def _make_optimizer(optimizer, params, lr: float, momentum: float, weight_decay:
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {optimizer!r}; use 'sgd', 'adam', 'adamw', "
-                     "a torch.optim.Optimizer or a callable params -> optimizer")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _positive_int(name: str, value: Any, default: int | None = None) -> int:
+    """``value`` (or ``default`` when it is None) as an int >= 1; ValueError saying what was expected."""
+    if value is None and default is not None:
+        return default
+    whole = isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 1:
+        raise ValueError(f"fit(): {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value: Any, minimum: float | None = 0.0) -> float:
+    """``value`` as a finite float (>= ``minimum`` if given); ValueError saying what was expected."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"fit(): {name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or (minimum is not None and v < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"fit(): {name} must be a finite number{bound}, got {value!r}")
+    return v
+
+
+def _check_fit_args(data: Any, steps: Any, epochs: Any, batch_size: Any, optimizer: Any, lr: Any,
+                    momentum: Any, weight_decay: Any, sampler: Any, batches: Any, max_loss: Any,
+                    clip_grad_norm: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,
+                                                  tuple[torch.Tensor, ...], torch.Tensor, int]:
+    """Validate :func:`fit`'s arguments before anything runs; returns the data's parts and the update count."""
+    try:
+        (x_train, y_train), (x_test, y_test) = data
+    except (TypeError, ValueError):
+        raise ValueError("fit(): data must be ((x_train, y_train), (x_test, y_test)); "
+                         f"got a {type(data).__name__}") from None
+    train, test = _parts(x_train), _parts(x_test)
+    n_train = _check_parts(train, y_train, "fit() training set")
+    n_test = _check_parts(test, y_test, "fit() test set")
+    if n_test == 0:
+        raise ValueError("fit(): the test set is empty; evaluation needs at least one example")
+    batch_size = _positive_int("batch_size", batch_size)
+    if n_train == 0:
+        raise ValueError("fit(): the training set is empty (0 examples)"
+                         + ("; a sampler or batch source still needs examples to index" if sampler or batches
+                            else ""))
+    if sampler is not None and batches is not None:
+        raise ValueError("fit(): give at most one of sampler= and batches=")
+    for name, fn in (("sampler", sampler), ("batches", batches)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"fit(): {name} must be callable (step, generator) -> ..., got {type(fn).__name__}")
+    if sampler is None and batches is None and n_train < batch_size:
+        raise ValueError(f"fit(): batch_size={batch_size} exceeds the {n_train} training examples")
+    if (steps is None) == (epochs is None):
+        raise ValueError("fit(): give exactly one of steps= and epochs=")
+    if steps is not None:
+        total = _positive_int("steps", steps)
+    else:
+        e = _finite("epochs", epochs)
+        total = int(round(e * max(1, n_train // batch_size)))
+        if total < 1:
+            raise ValueError(f"fit(): epochs={epochs} is less than one update ({n_train // batch_size} per epoch)")
+    if isinstance(optimizer, str) and optimizer.lower() not in _OPTIMIZERS:
+        raise ValueError(f"fit(): unknown optimizer {optimizer!r}; use 'sgd', 'adam', 'adamw', "
+                         "a torch.optim.Optimizer or a callable params -> optimizer")
+    _finite("lr", lr)
+    _finite("momentum", momentum)
+    _finite("weight_decay", weight_decay)
+    if max_loss is not None:
+        _finite("max_loss", max_loss, None)
+    if clip_grad_norm is not None and _finite("clip_grad_norm", clip_grad_norm) <= 0:
+        raise ValueError(f"fit(): clip_grad_norm must be positive, got {clip_grad_norm!r}")
+    return train, y_train, test, y_test, total
 
 
 def fit(
     model: nn.Module,
-    data: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    data: tuple[tuple[Any, torch.Tensor], tuple[Any, torch.Tensor]],
     *,
     steps: int | None = None,
     epochs: float | None = None,
@@ -399,6 +823,8 @@ def fit(
     probe_every: int | None = None,
     check_every: int = 50,
     max_loss: float | None = None,
+    batches: Callable[[int, torch.Generator], tuple[Any, torch.Tensor]] | None = None,
+    clip_grad_norm: float | None = None,
 ) -> History:
     """Train ``model`` for classification with cross-entropy and mini-batch SGD.
 
@@ -407,6 +833,9 @@ def fit(
             is moved to the device in place and left in train mode.
         data: ``((x_train, y_train), (x_test, y_test))`` tensors, as returned
             by :func:`bnlib.lab.data.load_mnist`. Moved to the device once.
+            ``x_train`` and ``x_test`` may be tuples of tensors with one row
+            per example, e.g. ``(x, lengths)``: the model is then called as
+            ``model(*parts)``.
         steps, epochs: length of training; give exactly one. An epoch is
             ``len(x_train) // batch_size`` updates.
         batch_size: examples per update (default 60, as in the paper's MNIST
@@ -431,11 +860,15 @@ def fit(
         lr_schedule: ``step -> lr``, a pure function giving the learning rate
             of update number ``step`` (0-based); overrides ``lr``.
         sampler: ``(step, generator) -> LongTensor`` of training indices for
-            update ``step``; replaces the default order, which walks through
-            a fresh random permutation of the training set every epoch
-            (dropping a final incomplete batch, so every batch has
-            ``batch_size`` examples). Use the generator for randomness so runs
-            stay reproducible. See :func:`class_subset_sampler`.
+            update ``step``; replaces the default order (:class:`EpochOrder`).
+            Use the generator for randomness so runs stay reproducible. See
+            :func:`class_subset_sampler`.
+        batches: ``(step, generator) -> (x, y)``, the whole batch of update
+            ``step`` (``x`` a tensor or a tuple of tensors), for batches that
+            are not rows of the training set, e.g. sequences cut to lengths
+            drawn afresh every time. Replaces ``sampler`` and the default order.
+        clip_grad_norm: clip the gradients' total norm to this before every
+            update (default: no clipping).
         callback: ``callback(step, model, history)`` called before training
             (step 0) and every ``callback_every`` updates (default
             ``eval_every``); the history is up to date when it is called.
@@ -450,6 +883,9 @@ def fit(
             least every this many updates.
         max_loss: if given, a loss above it also counts as divergence.
 
+    Every argument is checked before anything runs; a wrong one raises ValueError (or TypeError)
+    saying what was expected.
+
     Divergence: when a loss is NaN or infinite (or above ``max_loss``),
     training stops at the next sync point, ``diverged=True`` and
     ``diverged_at`` (the first such update) are recorded, the loss window is
@@ -457,42 +893,40 @@ def fit(
     ``diverged_at``: the accuracy of the model as it is, evaluated like any
     other (near chance for NaN weights). No exception is raised.
 
+    Ctrl-C: :class:`FitInterrupted` (a KeyboardInterrupt) is raised; its ``history`` holds the run so
+    far, marked ``interrupted=True``.
+
     Returns:
         History: the record of the run.
     """
-    (x_train, y_train), (x_test, y_test) = data
-    n_train = len(x_train)
-    if (steps is None) == (epochs is None):
-        raise ValueError("give exactly one of steps= and epochs=")
-    if sampler is None and n_train < batch_size:
-        raise ValueError(f"batch_size={batch_size} exceeds the {n_train} training examples")
-    per_epoch = max(1, n_train // batch_size)
-    total = int(steps) if steps is not None else int(round(epochs * per_epoch))
-    if total < 1:
-        raise ValueError(f"nothing to train: {total} steps")
-    eval_every = int(eval_every or max(1, total // 50))
-    loss_every = int(loss_every or eval_every)
-    callback_every = int(callback_every or eval_every)
-    probe_every = int(probe_every or eval_every)
-    check_every = max(1, int(check_every))
+    train, y_train, test, y_test, total = _check_fit_args(
+        data, steps, epochs, batch_size, optimizer, lr, momentum, weight_decay, sampler, batches, max_loss,
+        clip_grad_norm)
+    eval_every = _positive_int("eval_every", eval_every, max(1, total // 50))
+    plan = Plan(total=total, eval_every=eval_every,
+                loss_every=_positive_int("loss_every", loss_every, eval_every),
+                callback_every=_positive_int("callback_every", callback_every, eval_every),
+                probe_every=_positive_int("probe_every", probe_every, eval_every),
+                check_every=max(1, int(check_every)), max_loss=max_loss)
+    eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+    n_eval = _positive_int("max_eval", max_eval, len(y_test))
 
     dev = _pick_device(device)
     model.to(dev)
-    x_train = x_train.to(dev)
+    train = tuple(t.to(dev) for t in train)
     y_train = y_train.to(dev, dtype=torch.long)
-    if max_eval is not None:
-        x_test, y_test = x_test[:max_eval], y_test[:max_eval]
-    x_test = x_test.to(dev)
-    y_test = y_test.to(dev, dtype=torch.long)
+    test = tuple(t[:n_eval].to(dev) for t in test)
+    y_test = y_test[:n_eval].to(dev, dtype=torch.long)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(optimizer, params, lr, momentum, weight_decay)
-    groups = opt.param_groups
     gen = torch.Generator().manual_seed(seed)
-    probes = list(probes or ())
-    probe_states = [p.active for p in probes]
-    for p in probes:
-        p.active = False
+    if batches is not None:
+        source = _custom_batches(batches, gen, dev)
+    else:
+        order = (EpochOrder(len(y_train), batch_size, gen, dev) if sampler is None
+                 else lambda i: sampler(i, gen))
+        source = indexed_batches(train, y_train, order)
 
     hist = History(config=_plain({
         "model": type(model).__name__,
@@ -503,125 +937,18 @@ def fit(
         "lr_schedule": None if lr_schedule is None else _describe(lr_schedule),
         "sampler": None if sampler is None else _describe(sampler),
         "seed": seed, "device": str(dev), "eval_every": eval_every,
-        "loss_every": loss_every, "max_eval": max_eval, "n_train": n_train,
+        "loss_every": plan.loss_every, "max_eval": max_eval, "n_train": len(y_train),
     }))
+    return train_loop(model, source, Step(model, opt, clip_grad_norm), plan,
+                      lambda m: evaluate(m, test, y_test, eval_batch_size), hist,
+                      lr_schedule=lr_schedule, probes=list(probes or ()),
+                      callback=callback, progress=_show_progress(progress))
 
-    def lr_of(i: int) -> float:  # learning rate of update i (0-based)
-        return float(lr_schedule(i)) if lr_schedule is not None else float(groups[0]["lr"])
 
-    t_start = time.perf_counter()
-    eval_time = 0.0
+def _custom_batches(batches: Callable, gen: torch.Generator, dev: torch.device) -> Callable[[int], Batch]:
+    """fit's ``batches=`` as a batch source of the loop: ``step -> (inputs on dev, labels on dev)``."""
+    def batch(step: int) -> Batch:
+        x, y = batches(step, gen)
+        return tuple(t.to(dev, non_blocking=True) for t in _parts(x)), y.to(dev, dtype=torch.long)
 
-    def record_eval(step: int) -> None:
-        nonlocal eval_time
-        t0 = time.perf_counter()
-        acc = evaluate(model, x_test, y_test, eval_batch_size)
-        eval_time += time.perf_counter() - t0
-        hist.test_step.append(step)
-        hist.test_acc.append(acc)
-        hist.wall_time.append(time.perf_counter() - t_start)
-
-    # Losses waiting on the device, and the running window on the host.
-    pending: list[torch.Tensor] = []
-    flushed = 0                       # updates whose loss is on the host
-    win_sum, win_n = 0.0, 0
-
-    def flush() -> bool:
-        """Move pending losses to the host; returns True if the run diverged."""
-        nonlocal flushed, win_sum, win_n
-        if not pending:
-            return False
-        values = torch.stack(pending).float().cpu().tolist()
-        pending.clear()
-        for v in values:
-            flushed += 1
-            win_sum += v
-            win_n += 1
-            bad = not math.isfinite(v) or (max_loss is not None and v > max_loss)
-            if bad or flushed % loss_every == 0 or flushed == total:
-                hist.step.append(flushed)
-                hist.train_loss.append(win_sum / win_n)
-                hist.lr.append(lr_of(flushed - 1))
-                win_sum, win_n = 0.0, 0
-            if bad:
-                hist.diverged, hist.diverged_at = True, flushed
-                return True
-        return False
-
-    bar = None
-    if _show_progress(progress):
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=type(model).__name__, unit="step", leave=True)
-
-    model.train()
-    record_eval(0)
-    stop = bool(callback is not None and callback(0, model, hist))
-    batches = None
-    step = 0
-    try:
-        while step < total and not stop:
-            i = step                      # updates done before this one
-            if sampler is not None:
-                idx = sampler(i, gen).to(dev, non_blocking=True)
-            else:
-                j = i % per_epoch
-                if j == 0 or batches is None:
-                    perm = torch.randperm(n_train, generator=gen)[: per_epoch * batch_size]
-                    batches = perm.to(dev).view(per_epoch, batch_size)
-                idx = batches[j]
-            xb = x_train.index_select(0, idx)
-            yb = y_train.index_select(0, idx)
-            probing = bool(probes) and i % probe_every == 0
-            if probing:
-                for p in probes:
-                    p.step, p.active = i, True
-            if lr_schedule is not None:
-                new_lr = float(lr_schedule(i))
-                for g in groups:
-                    g["lr"] = new_lr
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if probing:
-                for p in probes:
-                    p.active = False
-            opt.step()
-            pending.append(loss.detach())
-            step = i + 1
-
-            is_eval = step % eval_every == 0 or step == total
-            is_cb = callback is not None and step % callback_every == 0
-            if is_eval or is_cb or len(pending) >= check_every:
-                n_new = len(pending)
-                if flush():
-                    record_eval(hist.diverged_at)
-                    break
-                if bar is not None:
-                    bar.update(n_new)
-                if is_eval:
-                    record_eval(step)
-                    if bar is not None and hist.train_loss:
-                        bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", acc=f"{hist.test_acc[-1]:.4f}")
-                if is_cb and callback(step, model, hist):
-                    stop = True
-        if stop and not hist.diverged:
-            # Stopped by the callback: close the record at the current step.
-            if flush():
-                record_eval(hist.diverged_at)
-            else:
-                if win_n:
-                    hist.step.append(flushed)
-                    hist.train_loss.append(win_sum / win_n)
-                    hist.lr.append(lr_of(flushed - 1))
-                if hist.test_step[-1] != step:
-                    record_eval(step)
-    finally:
-        if bar is not None:
-            bar.close()
-        for p, state in zip(probes, probe_states):
-            p.active = state
-        model.train()
-
-    train_time = time.perf_counter() - t_start - eval_time
-    hist.steps_per_s = step / train_time if train_time > 0 else float("inf")
-    return hist
+    return batch
