@@ -12,6 +12,9 @@ installs it) and checks, per page:
 * every internal link resolves (200 from the server; anchors exist);
 * every chapter page has the "Open in Colab" link for its notebook, derived
   from the repository configured in _config.yml;
+* on every chapter page the install cell (the notebook's first cell, which
+  Colab needs) is the first cell of the page and its code is collapsed, and
+  the solutions of the exercises are collapsed too;
 
 and saves a full-page screenshot of each page to _build/screenshots/<page>.png.
 
@@ -138,6 +141,7 @@ class Visit:
     url: str
     status: int
     console_errors: list[str] = field(default_factory=list)
+    cells: dict = field(default_factory=dict)
     remote_requests: list[str] = field(default_factory=list)
     math: dict = field(default_factory=dict)
     images: list[dict] = field(default_factory=list)
@@ -165,6 +169,22 @@ _MATH_JS = """() => {
                  .concat(Array.from(document.querySelectorAll('mjx-assistive-mml mtext'))
                  .map(el => el.textContent).filter(t => t.startsWith('\\\\'))),
     text: text.join('\\n'),
+  };
+}"""
+
+# The first code cell of the page (is its source visible?) and the exercises' solutions (dropdown
+# admonitions: is their body visible before a click?).
+_CELLS_JS = """() => {
+  const visible = el => !!el && el.getClientRects().length > 0 && getComputedStyle(el).visibility !== 'hidden';
+  const first = document.querySelector('div.cell');
+  const input = first && first.querySelector('.cell_input');
+  const solutions = Array.from(document.querySelectorAll('.admonition.dropdown'));
+  return {
+    first_classes: first ? first.className : null,
+    first_source: input ? input.textContent : null,
+    first_source_visible: visible(input),
+    solutions: solutions.length,
+    solutions_open: solutions.filter(a => Array.from(a.children).slice(1).some(visible)).length,
   };
 }"""
 
@@ -229,6 +249,7 @@ def visit(server, browser):
                 links=page.evaluate("""() => Array.from(document.querySelectorAll('a[href]'))
                                              .map(a => a.href)"""),
                 screenshot=str(shot),
+                cells=page.evaluate(_CELLS_JS),
             )
         finally:
             page.close()
@@ -361,3 +382,20 @@ def _prose(source) -> str:
         return "\n".join("".join(c.get("source", "")) for c in nb.get("cells", [])
                          if c.get("cell_type") == "markdown")
     return source.read_text()
+
+
+@pytest.mark.parametrize("docname", CHAPTER_PAGES)
+def test_install_cell_first_and_collapsed(visit, docname):
+    cells = visit(docname).cells
+    assert cells.get("first_source") and "import bnlib" in cells["first_source"], (
+        f"{docname}: the first cell of the page is not the install cell: {cells.get('first_source')!r:.200}")
+    assert "tag_hide-input" in (cells.get("first_classes") or ""), (
+        f"{docname}: the install cell must carry the tag hide-input (classes: {cells.get('first_classes')})")
+    assert not cells["first_source_visible"], f"{docname}: the install cell's code is shown expanded"
+
+
+@pytest.mark.parametrize("docname", CHAPTER_PAGES)
+def test_exercise_solutions_collapsed(visit, docname):
+    cells = visit(docname).cells
+    assert cells["solutions_open"] == 0, (
+        f"{docname}: {cells['solutions_open']} of {cells['solutions']} exercise solutions are shown expanded")
