@@ -12,6 +12,7 @@ chapter's markdown is defined by a ``glue`` output stored in the same notebook.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 
@@ -79,15 +80,25 @@ def _markdown_cells(path):
             yield i, "".join(cell["source"])
 
 
-def _glued_keys(path) -> set[str]:
+def _glued_values(path) -> dict[str, str]:
+    """``{key: stored text/plain}`` of every glue output of the notebook."""
     nb = json.loads(path.read_text())
-    keys = set()
+    values = {}
     for cell in nb["cells"]:
         for out in cell.get("outputs", []):
             scrap = (out.get("metadata") or {}).get("scrapbook") or {}
             if "name" in scrap:
-                keys.add(scrap["name"])
-    return keys
+                data = out.get("data") or {}
+                text = next((v for k, v in data.items() if k.endswith("text/plain")), "")
+                values[scrap["name"]] = "".join(text) if isinstance(text, list) else text
+    return values
+
+
+def _glued_keys(path) -> set[str]:
+    return set(_glued_values(path))
+
+
+_GLUE_USE = re.compile(r"\{glue(?::\w+)?\}`([^`]+)`")
 
 
 @pytest.mark.parametrize("path", _chapters(), ids=lambda p: p.stem)
@@ -136,3 +147,21 @@ def test_checker_catches_typed_numbers(text):
 ])
 def test_checker_lets_glued_cited_and_plain_numbers_pass(text):
     assert not typed_numbers(text), typed_numbers(text)
+
+
+@pytest.mark.parametrize("path", _chapters(), ids=lambda p: p.stem)
+def test_glued_numbers_can_be_formatted(path):
+    """A glued value used with a number format (``key:.1f``) must be stored as a plain number: a NumPy or torch
+    scalar is stored as ``np.float64(…)``, which myst-nb cannot format, and the strict build fails."""
+    values = _glued_values(path)
+    bad = []
+    for i, md in _markdown_cells(path):
+        for use in _GLUE_USE.findall(md):
+            key, _, spec = use.partition(":")
+            if spec and spec[-1] in "bcdoxXeEfFgGn%" and key.strip() in values:
+                try:
+                    float(ast.literal_eval(values[key.strip()]))
+                except (ValueError, SyntaxError, TypeError):
+                    bad.append(f"cell {i}: {key.strip()} = {values[key.strip()]!r:.60}")
+    assert not bad, (f"{path.name}: glue plain Python numbers (float(x), int(x)); these cannot be formatted:\n  "
+                     + "\n  ".join(bad))
