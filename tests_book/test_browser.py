@@ -175,7 +175,13 @@ _MATH_JS = """() => {
 # The first code cell of the page (is its source visible?) and the exercises' solutions (dropdown
 # admonitions: is their body visible before a click?).
 _CELLS_JS = """() => {
-  const visible = el => !!el && el.getClientRects().length > 0 && getComputedStyle(el).visibility !== 'hidden';
+  const visible = el => {
+    if (!el) return false;
+    const closed = el.closest('details:not([open])');
+    if (closed && !el.matches('summary') && !el.closest('summary')) return false;
+    if (el.checkVisibility) return el.checkVisibility({visibilityProperty: true, contentVisibilityAuto: true});
+    return el.getClientRects().length > 0 && getComputedStyle(el).visibility !== 'hidden';
+  };
   const first = document.querySelector('div.cell');
   const input = first && first.querySelector('.cell_input');
   const solutions = Array.from(document.querySelectorAll('.admonition.dropdown'));
@@ -397,5 +403,6 @@ def test_install_cell_first_and_collapsed(visit, docname):
 @pytest.mark.parametrize("docname", CHAPTER_PAGES)
 def test_exercise_solutions_collapsed(visit, docname):
     cells = visit(docname).cells
+    assert cells["solutions"] > 0, f"{docname}: no exercise solutions (dropdown admonitions) on the page"
     assert cells["solutions_open"] == 0, (
         f"{docname}: {cells['solutions_open']} of {cells['solutions']} exercise solutions are shown expanded")
