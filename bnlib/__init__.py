@@ -13,6 +13,7 @@ The package has two parts, visible in its file tree:
   - ``distributed``    ``SyncBatchNorm`` on torch.distributed (gloo on CPU, NCCL on GPU)
   - ``running_stats``  momentum conventions (PyTorch, Keras, Flax) and Precise BN
   - ``fold``           folding BN into the preceding Conv/Linear for inference
+  - ``frozen``         frozen BN (fixed statistics, γ/β optionally trainable) for fine-tuning
   - ``layers``         which modules count as batch-statistics layers (one definition)
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
@@ -25,12 +26,14 @@ __version__ = "0.1.0"
 from . import functional, layers, reference, running_stats
 from .distributed import SyncBatchNorm
 from .fold import fold_batchnorm
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .recurrent import StepBatchNorm
+from .recurrent import StepBatchNorm, recompute_step_stats
 from .variants import (
     BatchLayerNorm,
     BatchRenorm1d,
     BatchRenorm2d,
+    GhostBatch,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GroupNorm,
@@ -43,7 +46,8 @@ from .variants import (
 
 __all__ = [
     "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
-    "GhostBatchNorm1d", "GhostBatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
-    "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "reference",
-    "renorm_schedule", "running_stats",
+    "GhostBatch", "GhostBatchNorm1d", "GhostBatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
+    "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "recompute_step_stats",
+    "reference", "renorm_schedule", "running_stats",
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm",
 ]

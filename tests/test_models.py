@@ -153,6 +153,33 @@ def test_cnn_depth():
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("norm", ["bn", "bn-torch", "gn"])
+def test_resnet_zero_init_residual(norm):
+    torch.manual_seed(0)
+    model = ResNet(width=4, blocks_per_stage=1, norm=norm, zero_init_residual=True)
+    for block in model.blocks:
+        assert (block.norm2.weight == 0).all() and (block.norm1.weight == 1).all()
+    # every other norm keeps γ = 1 (the stem and the projection shortcuts)
+    others = [m for m in model.modules() if hasattr(m, "weight") and isinstance(m.weight, nn.Parameter)
+              and m.weight.dim() == 1 and all(m is not b.norm2 for b in model.blocks)]
+    assert others and all((m.weight == 1).all() for m in others)
+    # an identity block (same shape in and out) starts as the identity after its last ReLU: h = relu(x)
+    block = model.blocks[0]
+    x = torch.relu(torch.randn(2, 4, 6, 6))
+    model.train()
+    torch.testing.assert_close(block(x), x)
+    check_forward_backward(model, torch.rand(4, 1, 12, 12))
+    # the last γ still learns: its gradient is not zero
+    assert all(b.norm2.weight.grad.abs().sum() > 0 for b in model.blocks)
+    # the default leaves every γ at 1
+    assert all((b.norm2.weight == 1).all() for b in ResNet(width=4, blocks_per_stage=1, norm=norm).blocks)
+
+
+def test_resnet_zero_init_residual_needs_a_learned_scale():
+    with pytest.raises(ValueError, match="learned scale"):
+        ResNet(width=4, blocks_per_stage=1, norm=None, zero_init_residual=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_models_on_cuda():
     for model, x in ((MLP(norm="bn"), torch.rand(4, 1, 28, 28)),

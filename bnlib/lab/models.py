@@ -393,6 +393,10 @@ class ResNet(nn.Module):
         norm: see :func:`make_norm` (default ``'bn'``, as in He et al.).
         activation: see :func:`make_activation` (default ``'relu'``).
         conv_bias: as in :class:`CNN` (None: drop it before a normalization).
+        zero_init_residual: initialise the scale γ of the last normalization layer of every block
+            (``norm2``) to 0, so that each block starts as the identity on its shortcut and the
+            network as a shallow one (Goyal et al. 2017, "zero γ"; torchvision's option of the same
+            name). Needs a ``norm`` with a learned scale.
 
     Attributes:
         blocks: flat list of the :class:`BasicBlock` modules in forward order.
@@ -407,6 +411,7 @@ class ResNet(nn.Module):
         norm: NormSpec = "bn",
         activation: ActivationSpec = "relu",
         conv_bias: bool | None = None,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(blocks_per_stage, int):
@@ -428,6 +433,13 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            for block in self.blocks:
+                gamma = getattr(block.norm2, "weight", None)
+                if not isinstance(gamma, nn.Parameter):
+                    raise ValueError(f"zero_init_residual needs a normalization layer with a learned scale γ, "
+                                     f"got {type(block.norm2).__name__} for norm={norm!r}")
+                nn.init.zeros_(gamma)
 
     @property
     def blocks(self) -> list:

@@ -418,7 +418,7 @@ def class_subset_sampler(y: torch.Tensor, batch_size: int, classes_per_batch: in
 
     For every batch, ``classes_per_batch`` distinct classes are drawn, then
     ``batch_size`` examples uniformly (with replacement) among the training
-    examples of those classes. Used in "Limitations and alternatives".
+    examples of those classes.
 
     Returns:
         callable ``(step, generator) -> LongTensor`` of ``batch_size`` indices
