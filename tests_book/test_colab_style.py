@@ -34,7 +34,9 @@ import pytest
 from bookconfig import CHAPTERS, ROOT, SUMMARY, repository_url
 
 # Runtime dependencies of the chapters, installed pinned (from requirements.txt).
-RUNTIME = ["torch", "numpy", "matplotlib", "tqdm", "ipykernel", "nbclient", "nbformat"]
+# keras: the chapter that runs Keras beside bnlib (on the PyTorch backend; Colab ships Keras). Not myst-nb:
+# the chapters glue their numbers with bnlib.lab.glue, which needs only IPython.
+RUNTIME = ["torch", "numpy", "matplotlib", "tqdm", "ipykernel", "nbclient", "nbformat", "keras"]
 KERNEL = "bnlib-colab-style"
 CELL_TIMEOUT_S = 900
 

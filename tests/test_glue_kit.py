@@ -1,0 +1,36 @@
+"""bnlib.lab.glue emits what myst_nb.glue emits, so stored outputs do not depend on which one ran."""
+
+import pytest
+
+pytest.importorskip("IPython")
+myst_nb = pytest.importorskip("myst_nb")
+
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+
+from bnlib.lab.glue import glue  # noqa: E402
+
+
+def _published(fn, *args, **kw):
+    shell = InteractiveShell.instance()
+    sent = []
+    original = shell.display_pub.publish
+    shell.display_pub.publish = lambda data, metadata=None, **k: sent.append((data, metadata))
+    try:
+        fn(*args, **kw)
+    finally:
+        shell.display_pub.publish = original
+    return sent
+
+
+@pytest.mark.parametrize("value", [0.9812, 14378, "text", [1, 2]])
+@pytest.mark.parametrize("display", [False, True])
+def test_same_output_as_myst_nb(value, display):
+    ours = _published(glue, "key", value, display=display)
+    theirs = _published(myst_nb.glue, "key", value, display=display)
+    assert ours == theirs and len(ours) == 1
+
+
+def test_outside_ipython_does_nothing(capsys):
+    InteractiveShell.clear_instance()
+    glue("key", 1.0)
+    assert capsys.readouterr().out == ""
