@@ -11,6 +11,9 @@ else frozen:
 * :func:`train_only` -- freeze every parameter except those of the given modules (and, optionally,
   of every BN layer), e.g. "only BN" or "only BN and the output layer";
 * :func:`count_parameters` -- how many parameters (trainable ones by default) a model has;
+* :func:`small_gamma_mask`, :func:`gamma_zeroed` -- the features of a BN layer whose ``|γ|`` is small
+  next to the layer's median (the ones training may have switched off), and a context manager that
+  sets γ to 0 for chosen features, to measure what the network loses without them;
 * :class:`StepSizeRecorder` -- a :func:`bnlib.lab.training.fit` callback recording, for chosen weight
   tensors, the norm ``‖W‖`` and the relative step ``‖W_t − W_{t−1}‖ / ‖W_{t−1}‖`` of every update.
   For a weight followed by BN the output does not depend on ``‖W‖``, so this ratio is the *effective*
@@ -22,7 +25,8 @@ prepared with :func:`train_only` can be passed to it unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +42,8 @@ __all__ = [
     "bn_parameters",
     "train_only",
     "count_parameters",
+    "small_gamma_mask",
+    "gamma_zeroed",
     "StepSizeRecorder",
 ]
 
@@ -114,6 +120,52 @@ def train_only(model: nn.Module, *modules: nn.Module, bn: bool = False) -> int:
 def count_parameters(model: nn.Module, trainable: bool = True) -> int:
     """Returns the number of parameters of ``model``: only trainable ones (default) or all."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def small_gamma_mask(layer: nn.Module, rel: float = 0.1) -> torch.Tensor:
+    """The features of a BN layer whose ``|γ|`` is below ``rel`` times the layer's median ``|γ|``.
+
+    Such a feature's output ``γ x̂ + β`` is nearly the constant ``β``: the layer has (almost) switched
+    it off. The threshold is relative, so it does not depend on the overall scale of the layer's γ.
+
+    Returns:
+        torch.BoolTensor: one entry per feature, on the layer's device.
+    """
+    if getattr(layer, "weight", None) is None:
+        raise ValueError("small_gamma_mask needs a BN layer with a learned scale (affine=True)")
+    g = layer.weight.detach().abs()
+    return g < rel * g.median()
+
+
+@contextlib.contextmanager
+def gamma_zeroed(model: nn.Module, masks: Sequence[torch.Tensor]) -> Iterator[nn.Module]:
+    """Context manager: γ set to 0 for the features in ``masks`` (one per BN layer), restored on exit.
+
+    ``masks`` are boolean tensors, one per layer of :func:`bn_modules` (``model``), in that order. Inside
+    the ``with`` block those features output their constant ``β``; on exit every γ has its old value::
+
+        with gamma_zeroed(model, [small_gamma_mask(m) for m in bn_modules(model)]):
+            acc = training.evaluate(model, x, y)
+    """
+    layers = bn_modules(model)
+    if len(masks) != len(layers):
+        raise ValueError(f"need one mask per BN layer: {len(layers)} layers, {len(masks)} masks")
+    saved = []
+    with torch.no_grad():
+        for m, mask in zip(layers, masks):
+            if m.weight is None:
+                raise ValueError("gamma_zeroed needs BN layers with a learned scale (affine=True)")
+            mask = torch.as_tensor(mask, dtype=torch.bool, device=m.weight.device)
+            if mask.shape != m.weight.shape:
+                raise ValueError(f"mask of shape {tuple(mask.shape)} for a layer of {m.weight.numel()} features")
+            saved.append(m.weight.detach().clone())
+            m.weight[mask] = 0.0
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, w in zip(layers, saved):
+                m.weight.copy_(w)
 
 
 class StepSizeRecorder:

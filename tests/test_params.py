@@ -13,6 +13,8 @@ from bnlib.lab.params import (
     bn_modules,
     bn_parameters,
     count_parameters,
+    gamma_zeroed,
+    small_gamma_mask,
     train_only,
 )
 from bnlib.lab.training import fit, seed_everything
@@ -121,3 +123,38 @@ def test_step_size_recorder_every_and_with_fit():
     assert (rel["W"] > 0).all() and (norms["W"] > 0).all()
     with pytest.raises(ValueError):
         StepSizeRecorder({})
+
+
+def test_small_gamma_mask_is_relative_to_the_median():
+    layer = bnlib.BatchNorm1d(5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([2.0, -0.1, 1.0, 0.05, -3.0]))   # median |gamma| = 1
+    assert small_gamma_mask(layer).tolist() == [False, False, False, True, False]
+    assert small_gamma_mask(layer, rel=0.2).tolist() == [False, True, False, True, False]
+    with torch.no_grad():
+        layer.weight.mul_(100.0)                                        # the same features at any scale
+    assert small_gamma_mask(layer).tolist() == [False, False, False, True, False]
+    with pytest.raises(ValueError, match="affine"):
+        small_gamma_mask(bnlib.BatchNorm1d(3, affine=False))
+
+
+def test_gamma_zeroed_switches_features_off_and_restores():
+    seed_everything(0)
+    mlp = MLP(in_features=4, widths=(6, 5), norm="bn", bias=None).eval()
+    x = torch.randn(7, 4)
+    layers = bn_modules(mlp)
+    before = [m.weight.detach().clone() for m in layers]
+    masks = [torch.tensor([True, False, False, False, False, True]), torch.zeros(5, dtype=torch.bool)]
+    with gamma_zeroed(mlp, masks):
+        assert layers[0].weight[0] == 0 and layers[0].weight[5] == 0 and layers[0].weight[1] == before[0][1]
+        h = layers[0](mlp.hidden[0].linear(x))
+        assert torch.allclose(h[:, 0], layers[0].bias[0].expand(7))    # the feature outputs its beta
+    assert all(torch.equal(m.weight, w) for m, w in zip(layers, before))
+    with pytest.raises(ValueError, match="one mask per BN layer"), gamma_zeroed(mlp, masks[:1]):
+        pass
+    wrong = [torch.zeros(3, dtype=torch.bool), masks[1]]
+    with pytest.raises(ValueError, match="shape"), gamma_zeroed(mlp, wrong):
+        pass
+    with pytest.raises(RuntimeError), gamma_zeroed(mlp, masks):       # restored even after an error
+        raise RuntimeError
+    assert all(torch.equal(m.weight, w) for m, w in zip(layers, before))
