@@ -1,11 +1,18 @@
-"""Tests for bnlib.lab.landscape: the noisy-BN layer and the loss-landscape measurement."""
+"""Tests for bnlib.lab.landscape: the noisy-BN layer, the loss landscape along the gradient and the gradient-based ICS."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlib.lab.landscape import LandscapeRecorder, NoisyShift, loss_landscape, noisy_norm
+from bnlib.lab.landscape import (
+    GradientShiftRecorder,
+    LandscapeRecorder,
+    NoisyShift,
+    gradient_shift,
+    loss_landscape,
+    noisy_norm,
+)
 from bnlib.lab.models import MLP
 from bnlib.lab.training import fit, seed_everything
 
@@ -130,3 +137,156 @@ def test_noisy_norm_builds_modules_for_mlp():
     assert out.shape == (10, 10)
     if torch.cuda.is_available():
         m.cuda()(torch.rand(10, 784, device="cuda"))
+
+
+# --------------------------------------------------------------------------
+# Equal step lengths
+# --------------------------------------------------------------------------
+
+def test_distances_step_by_fixed_lengths_on_a_quadratic():
+    A = torch.diag(torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64))
+    w0 = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
+    model = Quadratic(A, w0)
+    g = A @ w0
+    gnorm = float(torch.linalg.vector_norm(g))
+    dists = [0.01, 0.1, 0.5]
+    res = loss_landscape(model, quad_loss_for(A), (torch.zeros(1), torch.zeros(1)), distances=dists)
+    np.testing.assert_allclose(res.step_lengths, dists, rtol=1e-12)
+    np.testing.assert_allclose(res.etas, np.asarray(dists) / gnorm, rtol=1e-12)
+    for d, loss, change in zip(dists, res.losses, res.grad_changes):
+        w = w0 - d * g / gnorm
+        assert loss == pytest.approx(float(0.5 * w @ A @ w), rel=1e-12)
+        assert change == pytest.approx(float(d / gnorm * torch.linalg.vector_norm(A @ g)), rel=1e-10)
+    # the same points as etas = d/‖g‖, hence the same β-smoothness
+    same = loss_landscape(model, quad_loss_for(A), (torch.zeros(1), torch.zeros(1)), list(np.asarray(dists) / gnorm))
+    assert same.beta_smoothness == pytest.approx(res.beta_smoothness, rel=1e-10)
+
+
+def test_beta_smoothness_does_not_depend_on_gradient_size_but_loss_range_does():
+    """Scaling the loss by c scales the gradient by c: at equal η the loss range grows like c²,
+    the β-smoothness (gradient change per unit distance) like c, and at equal distances the loss range like c."""
+    A = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    w0 = torch.tensor([0.7, -0.2], dtype=torch.float64)
+    batch = (torch.zeros(1), torch.zeros(1))
+    r1 = loss_landscape(Quadratic(A, w0), quad_loss_for(A), batch, [0.1, 0.2])
+    r4 = loss_landscape(Quadratic(4 * A, w0), quad_loss_for(4 * A), batch, [0.1, 0.2])
+    assert r4.beta_smoothness == pytest.approx(4 * r1.beta_smoothness, rel=1e-9)
+    d1 = loss_landscape(Quadratic(A, w0), quad_loss_for(A), batch, distances=[0.05, 0.1])
+    d4 = loss_landscape(Quadratic(4 * A, w0), quad_loss_for(4 * A), batch, distances=[0.05, 0.1])
+    assert d4.loss_range == pytest.approx(4 * d1.loss_range, rel=1e-9)
+
+
+def test_landscape_argument_errors():
+    model = Quadratic(torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    loss, batch = quad_loss_for(model.A), (torch.zeros(1), torch.zeros(1))
+    with pytest.raises(ValueError, match="exactly one"):
+        loss_landscape(model, loss, batch)
+    with pytest.raises(ValueError, match="exactly one"):
+        loss_landscape(model, loss, batch, [0.1], distances=[0.1])
+    with pytest.raises(ValueError, match="positive"):
+        loss_landscape(model, loss, batch, [0.1, 0.0])
+
+
+def test_recorder_with_distances():
+    torch.manual_seed(0)
+    model = MLP(widths=(8,), norm="bn")
+    x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
+    rec = LandscapeRecorder(F.cross_entropy, (x, y), distances=[0.5, 1.0])
+    rec(0, model)
+    np.testing.assert_allclose(rec.results[0].step_lengths, [0.5, 1.0], rtol=1e-5)
+    assert set(rec.summary()) == {"steps", "loss_range", "max_grad_change", "beta_smoothness", "grad_norm"}
+
+
+# --------------------------------------------------------------------------
+# Gradient-based internal covariate shift
+# --------------------------------------------------------------------------
+
+class TwoLayers(nn.Module):
+    """out = w2 · (w1 x): a scalar first layer and a vector second layer; loss ½‖out − y‖²."""
+
+    def __init__(self, w1, w2):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.tensor(w1, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.tensor(w2, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w2 * (self.w1 * x)
+
+
+def half_sq(out, y):
+    return 0.5 * ((out - y) ** 2).sum()
+
+
+def test_gradient_shift_matches_the_hand_computed_update():
+    w1, w2, x, lr = 0.8, [1.5, -0.4], 2.0, 0.1
+    y = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    model = TwoLayers(w1, w2)
+    res = gradient_shift(model, half_sq, (torch.tensor(x, dtype=torch.float64), y), [model.w2], [model.w1], lr)
+    W2 = torch.tensor(w2, dtype=torch.float64)
+    r = W2 * w1 * x - y                         # residual
+    G = r * (w1 * x)                            # ∇_{w2} L
+    g1 = float((r * W2 * x).sum())              # ∇_{w1} L
+    w1_new = w1 - lr * g1
+    G2 = (W2 * w1_new * x - y) * (w1_new * x)   # ∇_{w2} L after the earlier layer's step, w2 unchanged
+    assert res.grad_norm == pytest.approx(float(G.norm()), rel=1e-12)
+    assert res.shifted_norm == pytest.approx(float(G2.norm()), rel=1e-12)
+    assert res.distance == pytest.approx(float((G - G2).norm()), rel=1e-12)
+    assert res.cosine == pytest.approx(float(G @ G2 / (G.norm() * G2.norm())), rel=1e-12)
+    assert res.relative == pytest.approx(res.distance / res.grad_norm)
+    # no step, no shift
+    still = gradient_shift(model, half_sq, (torch.tensor(x, dtype=torch.float64), y), [model.w2], [model.w1], 0.0)
+    assert still.distance == 0 and still.cosine == pytest.approx(1.0)
+    assert model.w1.item() == w1                # left as found
+
+
+def test_gradient_shift_leaves_model_and_rng_as_found():
+    torch.manual_seed(2)
+    model = MLP(widths=(16, 16), norm=noisy_norm("bn", shift_std=0.5))
+    x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
+    F.cross_entropy(model(x), y).backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    layer = [model.hidden[1].linear.weight]
+    earlier = list(model.hidden[0].parameters())
+    res = gradient_shift(model, F.cross_entropy, (x, y), layer, earlier, lr=0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert res.distance > 0 and -1 <= res.cosine <= 1
+
+
+def test_gradient_shift_argument_errors():
+    model = MLP(widths=(8, 8), norm=None)
+    x, y = torch.randn(4, 784), torch.randint(0, 10, (4,))
+    w = [model.hidden[1].linear.weight]
+    with pytest.raises(ValueError, match="first layer"):
+        gradient_shift(model, F.cross_entropy, (x, y), w, [], 0.1)
+    with pytest.raises(ValueError, match="share"):
+        gradient_shift(model, F.cross_entropy, (x, y), w, w + [model.hidden[0].linear.weight], 0.1)
+    with pytest.raises(ValueError, match="no parameters"):
+        gradient_shift(model, F.cross_entropy, (x, y), [], w, 0.1)
+
+
+def test_gradient_shift_recorder_as_fit_callback_does_not_change_training():
+    g = torch.Generator().manual_seed(0)
+    xtr, ytr = torch.rand(600, 1, 28, 28, generator=g), torch.randint(0, 10, (600,), generator=g)
+    data = ((xtr, ytr), (xtr[:100], ytr[:100]))
+
+    def layers(m):
+        return {"h2": ([m.hidden[1].linear.weight], list(m.hidden[0].parameters())),
+                "out": ([m.out.weight], [p for b in m.hidden for p in b.parameters()])}
+
+    seed_everything(0)
+    h1 = fit(MLP(widths=(16, 16), norm="bn"), data, steps=20, eval_every=10, device="cpu")
+    seed_everything(0)
+    rec = GradientShiftRecorder(F.cross_entropy, [(xtr[:30], ytr[:30]), (xtr[30:60], ytr[30:60])], layers, lr=0.1)
+    h2 = fit(MLP(widths=(16, 16), norm="bn"), data, steps=20, eval_every=10, callback=rec, callback_every=10,
+             device="cpu")
+    assert h1.same_results(h2)
+    s = rec.summary()
+    assert set(s) == {"h2", "out"} and rec.steps == [0, 10, 20]
+    for v in s.values():
+        assert v["relative"].shape == (3,) and np.all(v["distance"] > 0) and np.all(np.abs(v["cosine"]) <= 1)

@@ -6,9 +6,11 @@
 * ``training``   device choice, seeding, the one training loop (``train_loop``, fronted by ``fit``),
                  ``evaluate`` / ``batch_statistics`` (BN with each batch's statistics), the run record ``History``
 * ``seeds``      several seeds of one experiment: their spread, differences in units of it
+* ``glue``       a measured value glued into the prose (myst-nb's ``glue``, also without myst-nb)
 * ``params``     which parameters learn: freezing γ/β, training only BN, effective step sizes
 * ``probes``     hooks that record activations during training
-* ``landscape``  loss-landscape smoothness and noisy BN (Santurkar et al. 2018)
+* ``landscape``  loss-landscape smoothness, gradient-based internal covariate shift and noisy BN
+                 (Santurkar et al. 2018)
 * ``launch``     data-parallel runs in several processes (torch.distributed), through the same loop
 * ``plots``      the book's figure style (matplotlib; imported on demand: ``from bnlib.lab import plots``)
 * ``timing``, ``bench``  timers, ``python -m bnlib.lab.bench`` and the measured records in ``results/``
