@@ -1,8 +1,7 @@
 r"""Alternatives to Batch Normalization, written in plain tensor operations.
 
-The chapter *Limitations and alternatives* (``chapters/limitations.ipynb``) explains why each of
-these exists: BN's statistics depend on the other examples of the batch, which hurts with small
-batches, non-i.i.d. batches and recurrent or per-example inference. The layers here either take
+BN's statistics depend on the other examples of the batch, which hurts with small batches,
+non-i.i.d. batches and recurrent or per-example inference. The layers here either take
 their statistics from one example (LN, IN, GN), correct the batch statistics towards the population
 ones (Batch Renormalization), take them from smaller sub-batches on purpose (Ghost BN) or mix batch
 and per-example normalization (Batch Layer Normalization):
@@ -13,7 +12,8 @@ and per-example normalization (Batch Layer Normalization):
   names, results to float64 precision), without calling ``torch.nn.functional``'s kernels;
 * :class:`BatchRenorm1d` / :class:`BatchRenorm2d` (Ioffe 2017), with :func:`renorm_schedule` and
   :func:`apply_renorm_schedule` for the paper's relaxation of ``r_max`` and ``d_max``;
-* :class:`GhostBatchNorm1d` / :class:`GhostBatchNorm2d` (Hoffer, Hubara & Soudry 2017);
+* :class:`GhostBatchNorm1d` / :class:`GhostBatchNorm2d` (Hoffer, Hubara & Soudry 2017), and
+  :class:`GhostBatch`, which applies any normalization layer to ghost batches;
 * :class:`BatchLayerNorm` (Ziaee & Çano 2022).
 
 The batch-statistics layers reuse :class:`bnlib.modules._NormBase` (parameters ``weight``/``bias``,
@@ -42,7 +42,7 @@ from .modules import _BatchNorm, _NormBase
 __all__ = [
     "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
     "BatchRenorm1d", "BatchRenorm2d", "renorm_schedule", "apply_renorm_schedule",
-    "GhostBatchNorm1d", "GhostBatchNorm2d", "BatchLayerNorm",
+    "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatch", "BatchLayerNorm",
 ]
 
 
@@ -541,6 +541,42 @@ class GhostBatchNorm2d(_GhostBatchNorm):
     __doc__ = "Ghost Batch Normalization over ``(N, C, H, W)`` (Hoffer, Hubara & Soudry 2017)." + _GHOST_DOC
     _dims = (4,)
     _layout = "4D (N, C, H, W)"
+
+
+class GhostBatch(nn.Module):
+    r"""Any normalization layer applied to ghost batches: ``layer`` on consecutive chunks of the batch.
+
+    In training mode the batch is cut along dim 0 into chunks of ``virtual_batch_size`` rows and
+    ``layer`` is applied to each chunk in turn (its running statistics, if any, take one step per
+    chunk), and the outputs are concatenated. This is what ``N / virtual_batch_size`` devices with
+    unsynchronized normalization layers compute, and for ``layer = BatchNorm`` it is exactly
+    :class:`GhostBatchNorm2d` (same output, same running statistics); it makes the same experiment
+    possible for layers without a ghost version (Batch Renorm, Batch Layer Norm). Layers that take
+    their statistics from one example (LN, GN, IN) give the same result with or without chunks. In
+    evaluation mode ``layer`` sees the whole batch.
+
+    Args:
+        layer: the normalization module (its parameters and buffers are this module's).
+        virtual_batch_size: rows per chunk; must divide the training batch size.
+    """
+
+    def __init__(self, layer: nn.Module, virtual_batch_size: int) -> None:
+        super().__init__()
+        if not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool) or virtual_batch_size < 1:
+            raise ValueError(f"expected virtual_batch_size to be a positive int, got {virtual_batch_size!r}")
+        self.layer, self.virtual_batch_size = layer, virtual_batch_size
+
+    def forward(self, input: Tensor) -> Tensor:
+        n, vbs = input.shape[0], self.virtual_batch_size
+        if not self.training or n == vbs:
+            return self.layer(input)
+        if n % vbs != 0:
+            raise ValueError(f"GhostBatch: virtual_batch_size={vbs} does not divide the batch size {n} "
+                             f"(input shape {tuple(input.shape)})")
+        return torch.cat([self.layer(chunk) for chunk in input.split(vbs)])
+
+    def extra_repr(self) -> str:
+        return f"virtual_batch_size={self.virtual_batch_size}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,11 +129,13 @@ def test_sequence_and_fold_on_device(device):
     torch.manual_seed(0)
     x, y = torch.rand(48, 6, 5), torch.randint(0, 3, (48,))
     rnn = sequence.NormRNN(input_size=5, hidden_size=6, num_classes=3, norm="bn", max_steps=6)
-    losses = sequence.train_sequence(rnn, x, y, steps=3, batch_size=8, lengths=(2, 6), device=device)
-    assert len(losses) == 3
     lengths = sequence.random_lengths(48, 2, 6, torch.Generator().manual_seed(1))
+    test = ((sequence.pad_to_lengths(x, lengths), lengths), y)
+    hist = fit(rnn, ((x, y), test), steps=3, batch_size=8, optimizer="adam", lr=1e-3, eval_every=3,
+               batches=sequence.padded_batches(x, y, 8, 2, 6), device=device)
+    assert len(hist.train_loss) >= 1
     for train_mode in (False, True):
-        assert 0.0 <= sequence.evaluate_sequence(rnn, x, y, lengths, train_mode=train_mode, batch_size=16) <= 1.0
+        assert 0.0 <= evaluate(rnn, *test, batch_size=16, train_mode=train_mode) <= 1.0
 
     cnn = models.CNN(channels=(4, 8), norm="bn").to(device)
     cnn.train()(torch.rand(16, 1, 8, 8, device=device))  # running statistics away from 0 and 1

@@ -279,6 +279,34 @@ def test_ghost_batch_norm_full_virtual_batch_is_batch_norm():
         run_both(ours, theirs, rand(8, 3, 2, 2, seed=i))
 
 
+def test_ghost_batch_wrapper_equals_ghost_batch_norm_and_devices():
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 4, 4, dtype=torch.float64)
+    ghost = V.GhostBatchNorm2d(3, virtual_batch_size=4).double()
+    wrapped = V.GhostBatch(bnlib.BatchNorm2d(3).double(), 4)
+    assert torch.allclose(ghost(x), wrapped(x), atol=1e-12)
+    assert torch.allclose(ghost.running_mean, wrapped.layer.running_mean, atol=1e-12)
+    assert torch.allclose(ghost.running_var, wrapped.layer.running_var, atol=1e-12)
+    # Batch Renorm in ghost batches: the layer applied to each chunk in turn
+    brn, ref = V.BatchRenorm2d(3, momentum=0.1).double(), V.BatchRenorm2d(3, momentum=0.1).double()
+    brn.set_limits(2.0, 1.0)
+    ref.set_limits(2.0, 1.0)
+    out = V.GhostBatch(brn, 4)(x)
+    assert torch.allclose(out, torch.cat([ref(c) for c in x.split(4)]), atol=1e-12)
+    # per-example layers do not care about chunks; evaluation sees the whole batch
+    gn = V.GroupNorm(3, 3).double()
+    assert torch.allclose(V.GhostBatch(gn, 4)(x), gn(x), atol=1e-12)
+    wrapped.eval()
+    assert torch.equal(wrapped(x), wrapped.layer(x))
+
+
+def test_ghost_batch_wrapper_errors():
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        V.GhostBatch(nn.BatchNorm2d(3), 0)
+    with pytest.raises(ValueError, match="does not divide"):
+        V.GhostBatch(nn.BatchNorm2d(3), 4)(torch.randn(6, 3, 2, 2))
+
+
 def test_ghost_batch_norm_errors():
     layer = V.GhostBatchNorm1d(3, 4)
     with pytest.raises(ValueError, match=r"virtual_batch_size=4 does not divide the batch size 10"):

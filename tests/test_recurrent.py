@@ -1,0 +1,99 @@
+"""Tests of bnlib.recurrent: per-time-step Batch Normalization (Cooijmans et al. 2017)."""
+
+import pytest
+import torch
+from torch import nn
+
+from bnlib.recurrent import StepBatchNorm, recompute_step_stats
+
+
+def test_one_step_is_batchnorm_with_the_buffers_of_that_step():
+    torch.manual_seed(0)
+    step = StepBatchNorm(4, max_steps=3, gamma_init=0.7)
+    ref = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        ref.weight.fill_(0.7)
+    a = torch.randn(6, 4)
+    assert torch.allclose(step(a, 1), ref(a), atol=1e-6)
+    assert torch.allclose(step.running_mean[1], ref.running_mean)
+    assert torch.allclose(step.running_var[1], ref.running_var)
+    assert step.steps_tracked.tolist() == [0, 1, 0]
+    assert torch.equal(step.running_mean[0], torch.zeros(4))  # other steps untouched
+
+
+def test_all_steps_at_once_equals_one_call_per_step():
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, 3)
+    mask = torch.rand(6, 5) > 0.3
+    for masked in (False, True):
+        a = StepBatchNorm(3, max_steps=5, masked=masked)
+        b = StepBatchNorm(3, max_steps=5, masked=masked)
+        ya = a(x, mask=mask)
+        yb = torch.stack([b(x[:, t], t, mask[:, t]) for t in range(5)], 1)
+        assert torch.allclose(ya, yb, atol=1e-5)
+        assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+        assert torch.allclose(a.running_var, b.running_var, atol=1e-6)
+        assert torch.equal(a.steps_tracked, b.steps_tracked)
+        a.eval()
+        b.eval()
+        assert torch.allclose(a(x), torch.stack([b(x[:, t], t) for t in range(5)], 1), atol=1e-6)
+
+
+def test_masked_statistics_use_real_rows_only():
+    torch.manual_seed(0)
+    bn = StepBatchNorm(4, max_steps=3, masked=True, momentum=1.0, gamma_init=1.0)
+    a = torch.randn(5, 4)
+    mask = torch.tensor([True, True, True, False, False])
+    y = bn(a, 1, mask)
+    real = a[:3]
+    var, mean = torch.var_mean(real, 0, correction=0)
+    assert torch.allclose(y[:3], (real - mean) / torch.sqrt(var + bn.eps), atol=1e-5)
+    assert torch.allclose(bn.running_mean[1], mean)
+    assert torch.allclose(bn.running_var[1], var * 3 / 2)
+    naive = StepBatchNorm(4, max_steps=3, masked=False, momentum=1.0)
+    naive(a, 1, mask)
+    assert torch.allclose(naive.running_mean[1], a.mean(0), atol=1e-6)  # the padded rows count
+
+
+def test_beyond_the_tracked_steps_reuses_the_last_tracked_step():
+    torch.manual_seed(0)
+    bn = StepBatchNorm(4, max_steps=3)
+    bn(torch.randn(8, 2, 4))  # steps 0 and 1 only
+    bn.eval()
+    a = torch.randn(5, 4)
+    assert bn.stat_step(2) == 1 and bn.stat_step(10) == 1
+    assert torch.allclose(bn(a, 2), bn(a, 1))
+    long = bn(torch.randn(5, 7, 4))  # 7 steps: 2..6 use step 1's statistics
+    assert long.shape == (5, 7, 4)
+
+
+def test_cooijmans_defaults_and_validation():
+    bn = StepBatchNorm(4, max_steps=3, bias=False)
+    assert torch.equal(bn.weight, torch.full((4,), 0.1)) and bn.bias is None
+    with pytest.raises(ValueError, match="with a step t"):
+        bn(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="max_steps"):
+        StepBatchNorm(4, max_steps=0)
+
+
+def test_recompute_step_stats_averages_batches_and_restores_state():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = StepBatchNorm(3, max_steps=4, momentum=0.3)
+
+        def forward(self, x):
+            return self.bn(x)
+
+    net = Net().eval()
+    x = torch.randn(40, 4, 3) * 2 + 1
+    assert recompute_step_stats(net, x, batch_size=10) == 4
+    means = torch.stack([x[i:i + 10].mean(0) for i in range(0, 40, 10)]).mean(0)
+    variances = torch.stack([x[i:i + 10].var(0) for i in range(0, 40, 10)]).mean(0)
+    assert torch.allclose(net.bn.running_mean, means, atol=1e-5)
+    assert torch.allclose(net.bn.running_var, variances, atol=1e-5)
+    assert net.bn.momentum == 0.3 and not net.training
+    with pytest.raises(ValueError, match="batch_size"):
+        recompute_step_stats(net, x[:5], batch_size=10)
