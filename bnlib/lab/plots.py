@@ -149,6 +149,21 @@ _CURVE_AXES = {
 }
 
 
+def _metric_axes(metric: str) -> tuple[str, str]:
+    """Returns ``(x attribute, y label)`` of a curve metric; raises ValueError for an unknown one."""
+    if metric not in _CURVE_AXES:
+        raise ValueError(f"metric must be one of {sorted(_CURVE_AXES)}, got {metric!r}")
+    return _CURVE_AXES[metric]
+
+
+def _label_curve_axes(ax, metric: str, ylabel: str) -> None:
+    """Axis labels (training step, the metric) and a log y-axis for losses and learning rates."""
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    if metric in ("train_loss", "lr"):
+        ax.set_yscale("log")
+
+
 def plot_curves(histories: Mapping[str, Any], metric: str = "test_acc", ax=None,
                 colors: Mapping[str, str] | None = None, **line_kw):
     """Plot one metric of several runs against training steps.
@@ -166,9 +181,7 @@ def plot_curves(histories: Mapping[str, Any], metric: str = "test_acc", ax=None,
     Returns:
         matplotlib Axes.
     """
-    if metric not in _CURVE_AXES:
-        raise ValueError(f"metric must be one of {sorted(_CURVE_AXES)}, got {metric!r}")
-    xname, ylabel = _CURVE_AXES[metric]
+    xname, ylabel = _metric_axes(metric)
     ax = _ax(ax)
     for i, (label, h) in enumerate(histories.items()):
         color = (colors or {}).get(label) or color_for(label, i)
@@ -176,10 +189,7 @@ def plot_curves(histories: Mapping[str, Any], metric: str = "test_acc", ax=None,
         ax.plot(x, y, color=color, label=str(label), **line_kw)
         if getattr(h, "diverged", False) and len(x):
             ax.plot(x[-1:], np.nan_to_num(y[-1:], nan=0.0), "x", color=color, ms=7, mew=2)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    if metric in ("train_loss", "lr"):
-        ax.set_yscale("log")
+    _label_curve_axes(ax, metric, ylabel)
     if len(histories) > 1:
         ax.legend()
     return ax
@@ -358,9 +368,7 @@ def plot_seed_curves(runs: Mapping[str, Sequence[Any]], metric: str = "test_acc"
     Returns:
         matplotlib Axes.
     """
-    if metric not in _CURVE_AXES:
-        raise ValueError(f"metric must be one of {sorted(_CURVE_AXES)}, got {metric!r}")
-    xname, ylabel = _CURVE_AXES[metric]
+    xname, ylabel = _metric_axes(metric)
     ax = _ax(ax)
     for i, (label, hists) in enumerate(runs.items()):
         hists = list(hists)
@@ -373,9 +381,6 @@ def plot_seed_curves(runs: Mapping[str, Sequence[Any]], metric: str = "test_acc"
         ax.plot(x[:n], ys.mean(axis=0), color=color, label=f"{label} (mean of {len(hists)})")
         if len(hists) > 1:
             ax.fill_between(x[:n], ys.min(axis=0), ys.max(axis=0), color=color, alpha=band_alpha, linewidth=0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    if metric in ("train_loss", "lr"):
-        ax.set_yscale("log")
+    _label_curve_axes(ax, metric, ylabel)
     ax.legend()
     return ax
