@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..recurrent import StepBatchNorm
 from ..variants import LayerNorm
+from .training import EpochOrder
 
 __all__ = ["NormRNN", "NORMS", "as_sequences", "random_lengths", "pad_to_lengths", "padded_batches"]
 
@@ -74,17 +75,13 @@ def padded_batches(x: Tensor, y: Tensor, batch_size: int, low: int, high: int) -
     in ``low..high`` for each, and returns ``((padded sequences, lengths), labels)``.
     """
     x, y = as_sequences(x), torch.as_tensor(y)
-    per_epoch = max(1, len(x) // batch_size)
-    order = None
+    orders: dict[torch.Generator, EpochOrder] = {}  # fit's epoch order, on the generator fit passes
 
     def batch(step: int, gen: torch.Generator):
-        nonlocal order
-        j = step % per_epoch
-        if j == 0 or order is None:
-            order = torch.randperm(len(x), generator=gen)[: per_epoch * batch_size].view(per_epoch, batch_size)
-        idx = order[j]
+        order = orders.setdefault(gen, EpochOrder(len(x), batch_size, gen, x.device))
+        idx = order(step)
         lengths = random_lengths(batch_size, low, high, gen)
-        return (pad_to_lengths(x[idx.to(x.device)], lengths), lengths), y[idx.to(y.device)]
+        return (pad_to_lengths(x[idx], lengths), lengths), y[idx.to(y.device)]
 
     return batch
 
