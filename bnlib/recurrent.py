@@ -13,20 +13,20 @@ two normalizations, one of the recurrent term and one of the input term, each wi
 per-step statistics, no β of their own (the bias ``b`` plays that role), and γ initialised to 0.1
 (γ = 1 drives tanh units into saturation and the gradients through time vanish). At test time step
 ``t`` uses its own population statistics; a step beyond the longest training length ``T_max``
-reuses those of ``T_max``.
+reuses those of ``T_max``. In their LSTM (the BN-LSTM) the same two normalizations are applied to
+the pre-activations of the four gates, and a third one, with a β, normalizes the cell state before
+the output's tanh: :math:`h_t = \sigma(o_t) \odot \tanh(\mathrm{BN}_t(c_t;\ \gamma_c, \beta_c))`.
 
 :class:`StepBatchNorm` is that layer. It normalizes ``(N, C)`` inputs of one step ``t`` (called
 inside the recurrence) or ``(N, T, C)`` inputs of all steps at once (the input term
 :math:`W_x x_t` is known for every step before the recurrence starts). The network that uses it is
-:class:`bnlib.lab.sequences.NormRNN`.
+:class:`bnlib.lab.sequences.NormRNN` (``cell='tanh'`` or ``cell='lstm'``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-
-from . import functional as bnf
 
 __all__ = ["StepBatchNorm", "recompute_step_stats"]
 
@@ -105,13 +105,9 @@ class StepBatchNorm(nn.Module):
         masking = self.masked and mask is not None
         rows = x[mask] if masking else x
         n = rows.shape[0]
-        if self.training and t < self.max_steps and n >= 2 and not masking:
-            # every row counts: this is BN of (N, C) with the buffers of step t (one fused function)
-            with torch.no_grad():
-                self.steps_tracked[t] += 1
-            return bnf.batch_norm(x, self.running_mean[t], self.running_var[t], self.weight, self.bias,
-                                  True, self.momentum, self.eps)
         if self.training and t < self.max_steps and n >= 2:
+            # one computation for the masked and the plain case (the plain one is BN of (N, C) with the
+            # buffers of step t), so that both give the same numbers when no row is padded
             var, mean = torch.var_mean(rows, 0, correction=0)  # μ_t, σ²_t over the (real) rows
             with torch.no_grad():
                 self.running_mean[t].lerp_(mean.detach(), self.momentum)

@@ -97,3 +97,12 @@ def test_recompute_step_stats_averages_batches_and_restores_state():
     assert net.bn.momentum == 0.3 and not net.training
     with pytest.raises(ValueError, match="batch_size"):
         recompute_step_stats(net, x[:5], batch_size=10)
+
+
+def test_masked_and_plain_statistics_agree_exactly_without_padding():
+    torch.manual_seed(0)
+    x = torch.randn(32, 4) * 1e-3  # small variance: where two computations would round differently
+    mask = torch.ones(32, dtype=torch.bool)
+    plain, masked = StepBatchNorm(4, max_steps=2), StepBatchNorm(4, max_steps=2, masked=True)
+    assert torch.equal(plain(x, 0), masked(x, 0, mask))
+    assert torch.equal(plain.running_var, masked.running_var) and torch.equal(plain.running_mean, masked.running_mean)
