@@ -129,27 +129,30 @@ class _BatchNorm(_NormBase):
 
     def _momentum_for_this_batch(self) -> float:
         """Count the batch and return the weight it gets in the running averages."""
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative average: the n-th batch gets weight 1/n
-                momentum = 1.0 / float(self.num_batches_tracked)
-        return momentum
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            count = self.num_batches_tracked
+            if count is not None:
+                count.add_(1)
+                if momentum is None:  # cumulative average: the n-th batch gets weight 1/n
+                    return 1.0 / float(count)
+        return 0.0 if momentum is None else momentum
 
     def forward(self, input: Tensor) -> Tensor:
-        # Batch statistics in training, and always when no running statistics are kept.
-        use_batch_stats = self.training or self.running_mean is None
         # The one validation of this forward: dimensions, channels, dtype, values per channel, eps.
         self._check_input_dim(input)
         self._check_num_channels(input)
+        training, running_mean, running_var = self.training, self.running_mean, self.running_var
+        # Batch statistics in training, and always when no running statistics are kept.
+        use_batch_stats = training or running_mean is None
         bnf._check_batch(input, use_batch_stats, self.eps)
         momentum = self._momentum_for_this_batch()
         # Running statistics are updated only in training mode with track_running_stats=True.
-        keep = not self.training or self.track_running_stats
+        keep = not training or self.track_running_stats
         return bnf._batch_norm(
             input,
-            self.running_mean if keep else None,
-            self.running_var if keep else None,
+            running_mean if keep else None,
+            running_var if keep else None,
             self.weight,
             self.bias,
             use_batch_stats,

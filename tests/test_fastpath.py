@@ -30,8 +30,10 @@ def test_compile_fullgraph_matches_eager():
     assert int(compiled_layer.num_batches_tracked) == int(eager.num_batches_tracked) == 1
 
 
-# The fast path's layouts and sizes: small inputs take temporaries, large ones work in place (functional._is_small),
-# contiguous maps are reduced row by row (functional._rows); every combination must agree with torch.nn.
+# The fast path's layouts and sizes: inputs below 4 MiB keep x − μ for the backward, larger ones work in place
+# (functional._keeps_centred); large buffers come from NumPy's allocator (functional._empty); contiguous maps are
+# reduced row by row (functional._rows), wide (N, C) inputs by a matrix-vector product (functional._columns).
+# Every combination must agree with torch.nn; the thresholds are lowered here so that small tensors take every path.
 LAYOUTS = {
     "small (N, C)": lambda gen: torch.randn(60, 7, generator=gen, dtype=torch.float64),
     "large (N, C)": lambda gen: torch.randn(4096, 7, generator=gen, dtype=torch.float64),
@@ -40,7 +42,18 @@ LAYOUTS = {
     "large channels-last": lambda gen: torch.randn(16, 3, 32, 32, generator=gen, dtype=torch.float64).to(
         memory_format=torch.channels_last),
     "large transposed (N, C)": lambda gen: torch.randn(7, 4096, generator=gen, dtype=torch.float64).t(),
+    "wide (N, C)": lambda gen: torch.randn(33, 600, generator=gen, dtype=torch.float64),
+    "wide transposed (N, C)": lambda gen: torch.randn(600, 33, generator=gen, dtype=torch.float64).t(),
 }
+PATHS = {"as shipped": {}, "in place, NumPy buffers": {"_KEEP_BYTES": 0, "_HUGE_PAGE_BYTES": 0}}
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run the test with the thresholds of functional as shipped, then with every input "large"."""
+    for name, value in PATHS[request.param].items():
+        monkeypatch.setattr(bnlib.functional, name, value)
+    return request.param
 
 
 def _pair(C, ndim):
@@ -54,7 +67,7 @@ def _pair(C, ndim):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_layout_and_size_matches_torch(layout):
+def test_every_layout_and_size_matches_torch(layout, path):
     gen = torch.Generator().manual_seed(0)
     x = LAYOUTS[layout](gen) * 3 + 5
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
@@ -71,7 +84,41 @@ def test_every_layout_and_size_matches_torch(layout):
     assert results[0][0].stride() == results[1][0].stride()  # torch.nn's memory format
 
 
-def test_output_may_be_changed_in_place():
+@pytest.mark.parametrize("shape", [(60, 7), (8, 4, 6, 6)])
+def test_graph_can_be_run_twice_and_gradients_may_be_expanded(shape, path):
+    """retain_graph=True: a second backward through the same graph gives the same gradients (the forward's saved
+    tensors are read, not overwritten); and a gradient with zero strides (from ``y.sum()``) is handled."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 5
+    ours, theirs = _pair(shape[1], len(shape))
+    xi, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, yt = ours(xi), theirs(xt)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    first = torch.autograd.grad(y, xi, g, retain_graph=True)[0]
+    second = torch.autograd.grad(y, xi, g, retain_graph=True)[0]
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, torch.autograd.grad(yt, xt, g, retain_graph=True)[0], rtol=1e-9, atol=1e-10)
+    expanded = torch.autograd.grad((y * 2).sum(), xi)[0]  # ∂/∂y is an expanded scalar
+    torch.testing.assert_close(expanded, torch.autograd.grad((yt * 2).sum(), xt)[0], rtol=1e-9, atol=1e-9)
+
+
+def test_float16_input_on_every_path(path):
+    """Half-precision input, normalized in float32 and returned in float16, on both paths."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(16, 3, 8, 8, generator=gen) * 2 + 7).half()
+    ours, theirs = bnlib.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    xi, xt = x.clone().requires_grad_(), x.float().requires_grad_()
+    y, yt = ours(xi), theirs(xt)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), yt, rtol=2e-3, atol=2e-3)
+    g = torch.randn(x.shape, generator=gen)
+    y.backward(g.half())
+    yt.backward(g)
+    torch.testing.assert_close(xi.grad.float(), xt.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_output_may_be_changed_in_place(path):
     """y is handed over (ReLU(inplace=True) after BN, as in ResNets): the backward must not depend on it."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 4, 6, 6, generator=gen, dtype=torch.float64)
@@ -95,3 +142,19 @@ def test_no_native_batch_norm_kernel_is_called():
         layer(x)
     names = {e.name for e in prof.events()}
     assert not [n for n in names if "batch_norm" in n.lower()], sorted(names)
+
+
+@pytest.mark.parametrize("shape", [(256, 4), (16, 4, 6, 6)])
+def test_large_offset_is_exact_on_every_path(shape, path):
+    """x = 1e3 + 0.01·noise in float32: the rounding of the mean (an ulp of 1e3 is 6e-5, 0.6 % of σ) must not reach
+    the output or the gradient, whether x − μ is kept (δ folded in) or recomputed (δ in the formulas)."""
+    gen = torch.Generator().manual_seed(3)
+    x = (1e3 + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)).float()
+    g = torch.randn(shape, generator=gen)
+    xi, xe = x.clone().requires_grad_(), x.double().requires_grad_()
+    y = bnlib.functional.batch_norm(xi, None, None, training=True)
+    ye = torch.nn.functional.batch_norm(xe, None, None, training=True)
+    assert (y.double() - ye).abs().max() < 1e-3
+    y.backward(g)
+    ye.backward(g.double())
+    assert (xi.grad.double() - xe.grad).norm() / xe.grad.norm() < 1e-3
