@@ -19,8 +19,13 @@ PYTHON = $(BIN)/python
 STAMP = $(VENV)/.stamp
 
 # Deterministic notebook execution: fixed hash seed, no progress bars, one torch
-# thread (the small models here run fastest on one, and stored outputs and CI agree).
-NB_ENV = env -u BNLIB_PROGRESS PYTHONHASHSEED=0 OMP_NUM_THREADS=1
+# thread (the small models here run fastest on one, and stored outputs and CI agree),
+# and the AVX2 code paths of ATen, oneDNN and MKL on every x86 CPU (CPU_PATHS): which
+# path runs decides the rounding, and even torch.randn's numbers (ATen's default and
+# AVX2 paths draw different ones from the same seed), so without it the stored outputs
+# would depend on the CPU generation of the machine that wrote them.
+CPU_PATHS = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
+NB_ENV = env -u BNLIB_PROGRESS PYTHONHASHSEED=0 OMP_NUM_THREADS=1 $(CPU_PATHS)
 NOTEBOOKS = $(wildcard chapters/*.ipynb)
 # nbval runs this many chapters at once (pytest-xdist, one notebook per worker): one per core.
 NB_JOBS ?= 2

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import functional as bnf
+
 __all__ = ["StepBatchNorm", "recompute_step_stats"]
 
 
@@ -105,10 +107,15 @@ class StepBatchNorm(nn.Module):
         masking = self.masked and mask is not None
         rows = x[mask] if masking else x
         n = rows.shape[0]
+        if self.training and t < self.max_steps and n == x.shape[0] and n >= 2:
+            # no padded row (or no masking): BN of (N, C) with the buffers of step t, bnlib's closed form
+            # (the masked and the plain case give the same numbers when no row is padded)
+            with torch.no_grad():
+                self.steps_tracked[t] += 1
+            return bnf._batch_norm(x, self.running_mean[t], self.running_var[t], self.weight, self.bias, True,
+                                   self.momentum, self.eps)
         if self.training and t < self.max_steps and n >= 2:
-            # one computation for the masked and the plain case (the plain one is BN of (N, C) with the
-            # buffers of step t), so that both give the same numbers when no row is padded
-            var, mean = torch.var_mean(rows, 0, correction=0)  # μ_t, σ²_t over the (real) rows
+            var, mean = torch.var_mean(rows, 0, correction=0)  # μ_t, σ²_t over the real rows
             with torch.no_grad():
                 self.running_mean[t].lerp_(mean.detach(), self.momentum)
                 self.running_var[t].lerp_(var.detach() * (n / (n - 1)), self.momentum)
@@ -123,6 +130,16 @@ class StepBatchNorm(nn.Module):
         n, steps, c = x.shape
         if c != self.num_features:
             raise ValueError(f"StepBatchNorm expected (N, T, {self.num_features}) input, got {tuple(x.shape)}")
+        if (self.training and n >= 2 and steps <= self.max_steps
+                and (not self.masked or mask is None or bool(mask.all()))):
+            # every step has N usable rows: BN of (N, T·C), channel (t, c) with the buffers of step t
+            # and the γ, β of feature c, in one call of bnlib's closed form
+            with torch.no_grad():
+                self.steps_tracked[:steps] += 1
+            y = bnf._batch_norm(x.reshape(n, steps * c), self.running_mean[:steps].view(-1),
+                                self.running_var[:steps].view(-1), self.weight.repeat(steps),
+                                None if self.bias is None else self.bias.repeat(steps), True, self.momentum, self.eps)
+            return y.view(n, steps, c)
         run_mean, run_var = self._running(steps)  # (T, C): the evaluation rule, for every step
         if not self.training:
             return self._normalize(x, run_mean, run_var)

@@ -71,6 +71,35 @@ def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Seq
     return xhat
 
 
+def _ghosts(layer: nn.Module, input: Tensor, vbs: int) -> tuple[Tensor, list[int]]:
+    """``input`` checked as ``layer`` checks each chunk of ``vbs`` rows, in the statistics dtype and cut into
+    chunks: ``(k, vbs, C, *spatial)``; and the dims a chunk's per-channel statistics reduce over."""
+    layer._check_input_dim(input)
+    layer._check_num_channels(input)
+    bnf.check_bn_input(input[:vbs], True)  # every chunk has the shape of the first
+    ghosts = _stats_input(input).reshape(input.shape[0] // vbs, vbs, *input.shape[1:])
+    return ghosts, [1] + list(range(3, ghosts.dim()))
+
+
+def _ema_steps_(running: Tensor, news: Tensor, momenta: Sequence[float]) -> Tensor:
+    """``k`` moving-average steps at once: ``running`` before each step, ``(k, C)``; ``running`` is left after the last.
+
+    Step ``j`` is ``running ← (1 − w_j)·running + w_j·news[j]`` (:func:`_ema_`). Unrolled, the state before step
+    ``j`` is a fixed combination of the first state and ``news[0 .. j-1]``: row ``j`` of a ``(k+1, k+1)`` matrix of
+    weights (Python floats), applied to all of them in one matrix product.
+    """
+    k = len(momenta)
+    rows = [[1.0] + [0.0] * k]  # state 0: the running statistic itself
+    for j, w in enumerate(momenta):
+        row = [(1 - w) * c for c in rows[-1]]
+        row[j + 1] += w
+        rows.append(row)
+    weights = torch.tensor(rows, dtype=running.dtype, device=running.device)
+    states = weights @ torch.cat([running.view(1, -1), news.detach().reshape(k, -1).to(running.dtype)])
+    running.copy_(states[k])
+    return states[:k]
+
+
 def _ema_(running: Tensor, new: Tensor, momentum: float) -> None:
     """running ← (1 − momentum)·running + momentum·new, in place (PyTorch's convention)."""
     running.mul_(1 - momentum).add_(new.detach().reshape(-1).to(running.dtype), alpha=momentum)
@@ -352,11 +381,7 @@ class _BatchRenorm(_DimCheck, _BatchNorm):
         xs = _stats_input(input)
         var_b, mu_b = torch.var_mean(xs, dims, correction=0, keepdim=True)  # μ_B, σ²_B (biased)
         sigma_b = torch.sqrt(var_b + self.eps)  # σ_B = √(σ²_B + ε)
-        with torch.no_grad():  # stop_gradient: r and d are constants for backpropagation
-            mu = self.running_mean.to(xs.dtype).view(shape)  # μ (population estimate)
-            sigma = torch.sqrt(self.running_var.to(xs.dtype).view(shape) + self.eps)  # σ = √(running_var + ε)
-            r = (sigma_b / sigma).clamp(1.0 / self.r_max, self.r_max)  # r = clip(σ_B/σ, 1/r_max, r_max)
-            d = ((mu_b - mu) / sigma).clamp(-self.d_max, self.d_max)  # d = clip((μ_B − μ)/σ, −d_max, d_max)
+        r, d = self._r_d(mu_b, sigma_b, self.running_mean, self.running_var)
         xhat = (xs - mu_b) / sigma_b * r + d  # x̂ = (x − μ_B)/σ_B · r + d
         y = _affine(xhat, self.weight, self.bias, shape).to(input.dtype)  # y = γ x̂ + β
         m = input.numel() // input.shape[1]
@@ -364,6 +389,33 @@ class _BatchRenorm(_DimCheck, _BatchNorm):
             _ema_(self.running_mean, mu_b, momentum)
             _ema_(self.running_var, var_b * (m / (m - 1)), momentum)
         return y
+
+    @torch.no_grad()  # stop_gradient: r and d are constants for backpropagation
+    def _r_d(self, mu_b: Tensor, sigma_b: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """r and d for batch statistics μ_B, σ_B against the running ``mean`` and ``var`` (same number of values)."""
+        mu = mean.to(mu_b.dtype).view(mu_b.shape)  # μ (population estimate)
+        sigma = torch.sqrt(var.to(mu_b.dtype).view(mu_b.shape) + self.eps)  # σ = √(running_var + ε)
+        r = (sigma_b / sigma).clamp(1.0 / self.r_max, self.r_max)  # r = clip(σ_B/σ, 1/r_max, r_max)
+        d = ((mu_b - mu) / sigma).clamp(-self.d_max, self.d_max)  # d = clip((μ_B − μ)/σ, −d_max, d_max)
+        return r, d
+
+    def _forward_ghosts(self, input: Tensor, vbs: int) -> Tensor:
+        """What :class:`GhostBatch` (this layer, ``vbs``) computes in training, with the elementwise work done once.
+
+        Chunk ``j`` takes its r and d from the running statistics as chunks ``0 .. j-1`` left them; those
+        come from the unrolled moving average (:func:`_ema_steps_`), so every step covers all chunks at once.
+        """
+        ghosts, dims = _ghosts(self, input, vbs)
+        var_b, mu_b = torch.var_mean(ghosts, dims, correction=0, keepdim=True)  # μ_j, σ²_j: (k, 1, C, 1, ...)
+        sigma_b = torch.sqrt(var_b + self.eps)
+        m = ghosts[0].numel() // input.shape[1]
+        momenta = [self._momentum_for_this_batch() for _ in range(len(ghosts))]  # chunk j is BN step j
+        with torch.no_grad():  # the running statistics each chunk starts from (the buffers: after the last)
+            means = _ema_steps_(self.running_mean, mu_b, momenta)
+            variances = _ema_steps_(self.running_var, var_b * (m / (m - 1)), momenta)
+        r, d = self._r_d(mu_b, sigma_b, means, variances)  # chunk j against the statistics before it
+        xhat = ((ghosts - mu_b) / sigma_b * r + d).reshape(input.shape)
+        return _affine(xhat, self.weight, self.bias, _channel_shape(input)).to(input.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
@@ -555,6 +607,10 @@ class GhostBatch(nn.Module):
     their statistics from one example (LN, GN, IN) give the same result with or without chunks. In
     evaluation mode ``layer`` sees the whole batch.
 
+    A layer that can compute the same thing for all chunks at once defines ``_forward_ghosts(input,
+    virtual_batch_size)``, which is then called instead of the loop (Batch Renorm and Batch Layer Norm: one
+    set of full-size operations in place of one per chunk; equal to the loop to float rounding, tested).
+
     Args:
         layer: the normalization module (its parameters and buffers are this module's).
         virtual_batch_size: rows per chunk; must divide the training batch size.
@@ -573,6 +629,9 @@ class GhostBatch(nn.Module):
         if n % vbs != 0:
             raise ValueError(f"GhostBatch: virtual_batch_size={vbs} does not divide the batch size {n} "
                              f"(input shape {tuple(input.shape)})")
+        forward_ghosts = getattr(self.layer, "_forward_ghosts", None)  # the same result, all chunks at once
+        if forward_ghosts is not None and self.layer.training and input.numel() > 0:
+            return forward_ghosts(input, vbs)
         return torch.cat([self.layer(chunk) for chunk in input.split(vbs)])
 
     def extra_repr(self) -> str:
@@ -684,13 +743,32 @@ class BatchLayerNorm(_DimCheck, _BatchNorm):
             tracked = self.batch_size_tracked.to(xs.dtype)  # a tensor: no host synchronization on CUDA
             m = torch.where(tracked > 0, tracked, torch.full_like(tracked, n))
         x_b = (xs - mu_b) * torch.rsqrt(var_b + self.eps)  # x_b = (x − μ_B)/√(σ²_B + ε)
+        return self._mix(input, xs, x_b, m)
+
+    def _mix(self, input: Tensor, xs: Tensor, x_b: Tensor, m) -> Tensor:
+        """y = γ x̂ + β from x_b, with x_f computed here and the weights of ``m`` examples."""
         var_f, mu_f = torch.var_mean(xs, list(range(1, xs.dim())), correction=0, keepdim=True)  # μ_F, σ²_F per example
         x_f = (xs - mu_f) * torch.rsqrt(var_f + self.eps)  # x_f = (x − μ_F)/√(σ²_F + ε)
         # x̂ = x_f·(1/m − 1e-4) + x_b·(1 − (1/m + 1e-4))
         xhat = x_f * (1 / m - _BLN_OFFSET) + x_b * (1 - (1 / m + _BLN_OFFSET))
         if self.scale_by_sqrt_dk:
             xhat = xhat / math.sqrt(self.num_features)  # x̂ / √d_k, d_k = C
-        return _affine(xhat, self.weight, self.bias, shape).to(input.dtype)  # y = γ x̂ + β
+        return _affine(xhat, self.weight, self.bias, _channel_shape(input)).to(input.dtype)  # y = γ x̂ + β
+
+    def _forward_ghosts(self, input: Tensor, vbs: int) -> Tensor:
+        """What :class:`GhostBatch` (this layer, ``vbs``) computes in training, in one pass: x_b per chunk of
+        ``vbs`` examples (m = ``vbs``), x_f per example as always, one running-statistics step per chunk, in order."""
+        ghosts, dims = _ghosts(self, input, vbs)
+        var_b, mu_b = torch.var_mean(ghosts, dims, correction=0, keepdim=True)  # μ_j, σ²_j: (k, 1, C, 1, ...)
+        x_b = ((ghosts - mu_b) * torch.rsqrt(var_b + self.eps)).reshape(input.shape)
+        if self.track_running_stats:
+            count = ghosts[0].numel() // input.shape[1]
+            momenta = [self._momentum_for_this_batch() for _ in range(len(ghosts))]  # chunk j is BN step j
+            with torch.no_grad():
+                _ema_steps_(self.running_mean, mu_b, momenta)
+                _ema_steps_(self.running_var, var_b * (count / (count - 1)), momenta)  # unbiased σ²_j
+                self.batch_size_tracked.fill_(vbs)
+        return self._mix(input, ghosts.reshape(input.shape), x_b, vbs)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale_by_sqrt_dk={self.scale_by_sqrt_dk}"

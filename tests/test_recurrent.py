@@ -39,6 +39,26 @@ def test_all_steps_at_once_equals_one_call_per_step():
         assert torch.allclose(a(x), torch.stack([b(x[:, t], t) for t in range(5)], 1), atol=1e-6)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_all_steps_at_once_has_the_gradients_of_one_call_per_step(padded):
+    """Both paths of (N, T, C) training (one BN of (N, T·C) without padding; per-step statistics with it) against
+    T calls, one per step: the gradients of x, γ and β, and the running variance."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    mask = (torch.rand(6, 4) > 0.3) if padded else torch.ones(6, 4, dtype=torch.bool)
+    mask[:2] = True  # at least two real rows per step
+    g = torch.randn(6, 4, 3, dtype=torch.float64)
+    grads = []
+    for all_at_once in (True, False):
+        bn = StepBatchNorm(3, max_steps=4, masked=True, gamma_init=0.8).double()
+        xi = x.clone().requires_grad_()
+        y = bn(xi, mask=mask) if all_at_once else torch.stack([bn(xi[:, t], t, mask[:, t]) for t in range(4)], 1)
+        y.backward(g)
+        grads.append((xi.grad, bn.weight.grad, bn.bias.grad, bn.running_var.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_masked_statistics_use_real_rows_only():
     torch.manual_seed(0)
     bn = StepBatchNorm(4, max_steps=3, masked=True, momentum=1.0, gamma_init=1.0)

@@ -300,6 +300,42 @@ def test_ghost_batch_wrapper_equals_ghost_batch_norm_and_devices():
     assert torch.equal(wrapped(x), wrapped.layer(x))
 
 
+@pytest.mark.parametrize("make", [
+    lambda: V.BatchRenorm2d(3, momentum=0.1, r_max=1.5, d_max=0.5),
+    lambda: V.BatchRenorm1d(3, momentum=None, r_max=2.0, d_max=1.0),
+    lambda: V.BatchLayerNorm(3),
+    lambda: V.BatchLayerNorm(3, momentum=None, scale_by_sqrt_dk=True),
+    lambda: V.BatchLayerNorm(3, track_running_stats=False),
+], ids=["brn2d", "brn1d-cumulative", "bln", "bln-cumulative-dk", "bln-untracked"])
+@pytest.mark.parametrize("shape", [(12, 3), (12, 3, 5), (12, 3, 2, 3)], ids=["2d", "3d", "4d"])
+def test_ghost_batch_all_chunks_at_once_equals_chunk_by_chunk(make, shape):
+    """GhostBatch's one-pass path for Batch Renorm and BLN (their _forward_ghosts) against the layer applied to each
+    chunk in turn: output, gradients, running statistics and counters, over three training steps."""
+    fast = make().double()
+    if fast._dims and len(shape) not in fast._dims:
+        pytest.skip(f"{type(fast).__name__} takes no {len(shape)}D input")
+    slow = make().double()
+    with torch.no_grad():
+        for p_fast, p_slow in zip(fast.parameters(), slow.parameters()):
+            p_fast.normal_()
+            p_slow.copy_(p_fast)
+    wrapped = V.GhostBatch(fast, 4)
+    for step in range(3):
+        x = rand(*shape, seed=step)
+        xf, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = rand(*shape, seed=10 + step, shift=0.0)
+        yf = wrapped(xf)
+        ys = torch.cat([slow(c) for c in xs.split(4)])
+        torch.testing.assert_close(yf, ys, **TOL)
+        yf.backward(g)
+        ys.backward(g)
+        torch.testing.assert_close(xf.grad, xs.grad, **TOL)
+        for p_fast, p_slow in zip(fast.parameters(), slow.parameters()):
+            torch.testing.assert_close(p_fast.grad, p_slow.grad, **TOL)
+        for (name, b_fast), b_slow in zip(fast.named_buffers(), slow.buffers()):
+            torch.testing.assert_close(b_fast, b_slow, **TOL, msg=name)
+
+
 def test_ghost_batch_wrapper_errors():
     with pytest.raises(ValueError, match="virtual_batch_size"):
         V.GhostBatch(nn.BatchNorm2d(3), 0)

@@ -31,6 +31,7 @@ import contextlib
 import io
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -39,6 +40,9 @@ import traceback
 from pathlib import Path
 
 MAGIC = re.compile(r"^(\s*)[%!].*$")
+# The Makefile's CPU_PATHS: the AVX2 code paths of ATen, oneDNN and MKL on any x86 CPU, so that a chapter's outputs
+# (torch.randn's numbers among them) do not depend on whether the CPU has AVX-512.
+CPU_PATHS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 MAX_TEXT = 8000  # characters of printed output kept per cell (its end)
 
 
@@ -186,6 +190,8 @@ def _run_one(path: Path, tmp: Path, timeout: float, threads: int, keep_going: bo
     record = tmp / f"{path.stem}.json"
     log = tmp / f"{path.stem}.log"
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0", OMP_NUM_THREADS=str(threads))
+    if platform.machine() in ("x86_64", "AMD64"):  # the CPU code paths the stored outputs were written with
+        env.update(CPU_PATHS)
     env.pop("BNLIB_PROGRESS", None)
     start = time.perf_counter()
     with open(log, "w") as f:

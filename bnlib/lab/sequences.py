@@ -193,14 +193,16 @@ class NormRNN(nn.Module):
         h = x.new_zeros(n, self.hidden_size)
         c = h if self.cell == "lstm" else None
         H = self.hidden_size
-        for t in range(steps):
-            a = u[:, t] + self._step_norm(self.norm_h, self.rec(h), t, mask)  # + W_h h_{t-1}
+        # unbind/split rather than indexing: the backward of u[:, t] would zero-fill a tensor of u's size per step
+        for t, u_t in enumerate(u.unbind(1)):
+            a = u_t + self._step_norm(self.norm_h, self.rec(h), t, mask)  # + W_h h_{t-1}
             if self.norm is not None:
                 a = self.norm(a)
             if self.cell == "lstm":
-                s = torch.sigmoid(a[:, :3 * H])  # input, forget and output gates
-                c_new = s[:, H:2 * H] * c + s[:, :H] * torch.tanh(a[:, 3 * H:])
-                h_new = s[:, 2 * H:] * torch.tanh(self._step_norm(self.norm_c, c_new, t, mask))
+                a_sig, a_g = a.split([3 * H, H], 1)
+                i_gate, f_gate, o_gate = torch.sigmoid(a_sig).chunk(3, 1)  # input, forget and output gates
+                c_new = f_gate * c + i_gate * torch.tanh(a_g)
+                h_new = o_gate * torch.tanh(self._step_norm(self.norm_c, c_new, t, mask))
                 c = c_new if mask is None else torch.where(mask[:, t, None], c_new, c)
             else:
                 h_new = torch.tanh(a)
