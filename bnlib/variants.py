@@ -71,14 +71,19 @@ def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Seq
     return xhat
 
 
-def _ghosts(layer: nn.Module, input: Tensor, vbs: int) -> tuple[Tensor, list[int]]:
-    """``input`` checked as ``layer`` checks each chunk of ``vbs`` rows, in the statistics dtype and cut into
-    chunks: ``(k, vbs, C, *spatial)``; and the dims a chunk's per-channel statistics reduce over."""
+def _ghosts(input: Tensor, vbs: int) -> tuple[Tensor, list[int]]:
+    """``input`` in the statistics dtype, cut into ghost batches of ``vbs`` consecutive rows:
+    ``(k, vbs, C, *spatial)``; and the dims a ghost batch's per-channel statistics reduce over."""
+    ghosts = _stats_input(input).reshape(input.shape[0] // vbs, vbs, *input.shape[1:])
+    return ghosts, [1] + list(range(3, ghosts.dim()))
+
+
+def _checked_ghosts(layer: nn.Module, input: Tensor, vbs: int) -> tuple[Tensor, list[int]]:
+    """:func:`_ghosts` of ``input`` after the checks ``layer`` makes on each chunk of ``vbs`` rows in training."""
     layer._check_input_dim(input)
     layer._check_num_channels(input)
     bnf.check_bn_input(input[:vbs], True)  # every chunk has the shape of the first
-    ghosts = _stats_input(input).reshape(input.shape[0] // vbs, vbs, *input.shape[1:])
-    return ghosts, [1] + list(range(3, ghosts.dim()))
+    return _ghosts(input, vbs)
 
 
 def _ema_steps_(running: Tensor, news: Tensor, momenta: Sequence[float]) -> Tensor:
@@ -405,7 +410,7 @@ class _BatchRenorm(_DimCheck, _BatchNorm):
         Chunk ``j`` takes its r and d from the running statistics as chunks ``0 .. j-1`` left them; those
         come from the unrolled moving average (:func:`_ema_steps_`), so every step covers all chunks at once.
         """
-        ghosts, dims = _ghosts(self, input, vbs)
+        ghosts, dims = _checked_ghosts(self, input, vbs)
         var_b, mu_b = torch.var_mean(ghosts, dims, correction=0, keepdim=True)  # μ_j, σ²_j: (k, 1, C, 1, ...)
         sigma_b = torch.sqrt(var_b + self.eps)
         m = ghosts[0].numel() // input.shape[1]
@@ -541,16 +546,13 @@ class _GhostBatchNorm(_DimCheck, _BatchNorm):
         if per_ghost <= 1:
             raise ValueError(f"{type(self).__name__} expected more than 1 value per channel in each ghost batch, "
                              f"got virtual_batch_size={vbs} with input of shape {tuple(input.shape)}")
-        k = n // vbs
-        xs = _stats_input(input)
-        ghosts = xs.reshape(k, vbs, *input.shape[1:])  # (k, vbs, C, *spatial): ghost batch j = rows j·vbs …
-        dims = [1] + list(range(3, ghosts.dim()))  # reduce over the ghost batch and the spatial dims
+        ghosts, dims = _ghosts(input, vbs)  # (k, vbs, C, *spatial): ghost batch j = rows j·vbs …
         var, mean = torch.var_mean(ghosts, dims, correction=0, keepdim=True)  # μ_j, σ²_j per ghost batch, channel
         xhat = ((ghosts - mean) * torch.rsqrt(var + self.eps)).reshape(input.shape)  # (x − μ_j)/√(σ²_j + ε)
         y = _affine(xhat, self.weight, self.bias, _channel_shape(input)).to(input.dtype)  # one shared γ, β
         if self.training and self.track_running_stats:
             with torch.no_grad():
-                for j in range(k):  # one running-stat step per ghost batch, in order
+                for j in range(len(ghosts)):  # one running-stat step per ghost batch, in order
                     momentum = self._momentum_for_this_batch()
                     _ema_(self.running_mean, mean[j], momentum)
                     _ema_(self.running_var, var[j] * (per_ghost / (per_ghost - 1)), momentum)
@@ -758,7 +760,7 @@ class BatchLayerNorm(_DimCheck, _BatchNorm):
     def _forward_ghosts(self, input: Tensor, vbs: int) -> Tensor:
         """What :class:`GhostBatch` (this layer, ``vbs``) computes in training, in one pass: x_b per chunk of
         ``vbs`` examples (m = ``vbs``), x_f per example as always, one running-statistics step per chunk, in order."""
-        ghosts, dims = _ghosts(self, input, vbs)
+        ghosts, dims = _checked_ghosts(self, input, vbs)
         var_b, mu_b = torch.var_mean(ghosts, dims, correction=0, keepdim=True)  # μ_j, σ²_j: (k, 1, C, 1, ...)
         x_b = ((ghosts - mu_b) * torch.rsqrt(var_b + self.eps)).reshape(input.shape)
         if self.track_running_stats:
