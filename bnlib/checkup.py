@@ -397,7 +397,8 @@ def checkup(
             DataLoader yields ``(x, y)``), on the model's device. Enables the checks that need the data
             (``few-values``, ``stale-stats``, ``padding-in-stats``, the measured variance shift of
             ``dropout-before-bn``) and the traced "right before" (see the module docstring). Without
-            it, the first batch of ``loader`` is used, if there is one.
+            it, the first batch of ``loader`` is used, if there is one. With ``evaluating=True``, a batch
+            of the evaluation data (``few-values``, a property of training batches, is then not checked).
         loader: an iterable of such batches (a DataLoader of training data); its first ``num_batches``
             batches are used for Precise BN (``precise-bn``).
         num_batches: how many batches of ``loader`` to use.
@@ -535,7 +536,7 @@ def checkup(
         for check in ("few-values", "stale-stats"):
             skipped[check] = "needs a batch"
     elif evaluating:  # an evaluation batch says nothing about the size of the training batches
-        skipped["few-values"] = "needs a training batch (evaluating=True)"
+        skipped["few-values"] = "the batch is an evaluation batch: evaluating=True"
     if raised is not None and not evaluating:
         s = seen[raised]
         findings.append(Finding(raised, "few-values", (
