@@ -25,10 +25,13 @@ inside the recurrence) or ``(N, T, C)`` inputs of all steps at once (the input t
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
-from . import functional as bnf
+from .core import update_running_stats
+from .functional import batch_norm_core
 
 __all__ = ["StepBatchNorm", "recompute_step_stats"]
 
@@ -112,13 +115,12 @@ class StepBatchNorm(nn.Module):
             # (the masked and the plain case give the same numbers when no row is padded)
             with torch.no_grad():
                 self.steps_tracked[t] += 1
-            return bnf._batch_norm(x, self.running_mean[t], self.running_var[t], self.weight, self.bias, True,
+            return batch_norm_core(x, self.running_mean[t], self.running_var[t], self.weight, self.bias, True,
                                    self.momentum, self.eps)
         if self.training and t < self.max_steps and n >= 2:
             var, mean = torch.var_mean(rows, 0, correction=0)  # μ_t, σ²_t over the real rows
             with torch.no_grad():
-                self.running_mean[t].lerp_(mean.detach(), self.momentum)
-                self.running_var[t].lerp_(var.detach() * (n / (n - 1)), self.momentum)
+                update_running_stats(self.running_mean[t], self.running_var[t], mean, var, n, self.momentum)
                 self.steps_tracked[t] += 1
         else:
             s = self.stat_step(t)
@@ -136,7 +138,7 @@ class StepBatchNorm(nn.Module):
             # and the γ, β of feature c, in one call of bnlib's closed form
             with torch.no_grad():
                 self.steps_tracked[:steps] += 1
-            y = bnf._batch_norm(x.reshape(n, steps * c), self.running_mean[:steps].view(-1),
+            y = batch_norm_core(x.reshape(n, steps * c), self.running_mean[:steps].view(-1),
                                 self.running_var[:steps].view(-1), self.weight.repeat(steps),
                                 None if self.bias is None else self.bias.repeat(steps), True, self.momentum, self.eps)
             return y.view(n, steps, c)
@@ -151,14 +153,12 @@ class StepBatchNorm(nn.Module):
         mean = (x * w).sum(0) / count.clamp_min(1)  # μ_t
         var = (((x - mean) ** 2) * w).sum(0) / count.clamp_min(1)  # σ²_t (biased)
         use = (count[:, 0] >= 2) & (torch.arange(steps, device=x.device) < self.max_steps)  # (T,)
-        with torch.no_grad():  # steps that have usable rows move their running statistics
+        with torch.no_grad():  # steps that have usable rows move their running statistics (the others: weight 0)
             k = min(steps, self.max_steps)
-            upd = use[:k, None]
-            bessel = count[:k] / (count[:k] - 1).clamp_min(1)
-            new_mean = torch.lerp(self.running_mean[:k], mean[:k].detach(), self.momentum)
-            new_var = torch.lerp(self.running_var[:k], (var[:k] * bessel).detach(), self.momentum)
-            self.running_mean[:k] = torch.where(upd, new_mean, self.running_mean[:k])
-            self.running_var[:k] = torch.where(upd, new_var, self.running_var[:k])
+            weight = use[:k, None].to(x.dtype) * self.momentum  # (k, 1): 0 for a step without 2 usable rows
+            counts = count[:k].clamp_min(2)  # (k, 1) values per step (the clamp only for steps of weight 0)
+            update_running_stats(self.running_mean[:k], self.running_var[:k], mean[:k], var[:k],
+                                 cast(int, counts), cast(float, weight))  # per-step tensors (see its docstring)
             self.steps_tracked[:k] += use[:k].long()
         mean = torch.where(use[:, None], mean, run_mean)
         var = torch.where(use[:, None], var, run_var)

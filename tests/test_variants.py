@@ -312,7 +312,7 @@ def test_ghost_batch_all_chunks_at_once_equals_chunk_by_chunk(make, shape):
     """GhostBatch's one-pass path for Batch Renorm and BLN (their _forward_ghosts) against the layer applied to each
     chunk in turn: output, gradients, running statistics and counters, over three training steps."""
     fast = make().double()
-    if fast._dims and len(shape) not in fast._dims:
+    if fast.input_dims and len(shape) not in fast.input_dims:
         pytest.skip(f"{type(fast).__name__} takes no {len(shape)}D input")
     slow = make().double()
     with torch.no_grad():
