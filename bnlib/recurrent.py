@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from .core import update_running_stats
 from .functional import batch_norm_core
+from .layers import preserved_state
+from .running_stats import ChannelMoments
 
 __all__ = ["StepBatchNorm", "recompute_step_stats"]
 
@@ -175,11 +177,14 @@ def recompute_step_stats(model: nn.Module, x: Tensor, lengths: Tensor | None = N
 
     The moving averages of a recurrent BN are estimated on hidden states that earlier steps produced
     with *batch* statistics, while evaluation runs every step with population statistics; over many
-    steps the two drift apart. As Precise BN does for feed-forward networks (Wu & Johnson 2021),
-    this runs the frozen model in training mode over consecutive batches of ``batch_size`` rows of
-    ``x`` (with ``lengths`` if given) and sets each step's ``running_mean``/``running_var`` to the
-    average of the batch means and unbiased variances. Larger batches give statistics closer to
-    the population's at every step. Parameters, momenta and train/eval flags are left as they were.
+    steps the two drift apart. As Precise BN does for feed-forward networks (Wu & Johnson 2021,
+    :func:`bnlib.running_stats.recompute_bn_stats`), this runs the frozen model in training mode over consecutive
+    batches of ``batch_size`` rows of ``x`` (with ``lengths`` if given; a last, shorter batch is left out) and
+    pools, for every layer and step, the values that step normalizes (its real rows when the layer is
+    ``masked``) with :class:`bnlib.running_stats.ChannelMoments`: ``running_mean[t]`` and ``running_var[t]``
+    become their exact mean and unbiased variance, ``steps_tracked[t]`` the number of batches that reached
+    step ``t``; a step no batch reached gets mean 0, variance 1 and count 0. Parameters, momenta, every other
+    buffer and the train/eval flags are left as they were.
 
     Returns:
         int: the number of batches used.
@@ -187,27 +192,46 @@ def recompute_step_stats(model: nn.Module, x: Tensor, lengths: Tensor | None = N
     layers = [m for m in model.modules() if isinstance(m, StepBatchNorm)]
     if len(x) < batch_size:
         raise ValueError(f"recompute_step_stats needs at least batch_size={batch_size} rows, got {len(x)}")
-    flags = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in layers]
+    moments = {m: [ChannelMoments() for _ in range(m.max_steps)] for m in layers}
+    hooks = [m.register_forward_pre_hook(_step_recorder(moments[m]), with_kwargs=True) for m in layers]
     dev = next(iter(model.parameters())).device
-    for m in layers:
-        m.running_mean.zero_()
-        m.running_var.fill_(1.0)
-        m.steps_tracked.zero_()
-    model.train()
     k = 0
     try:
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            for m in layers:
-                m.momentum = 1.0 / (k + 1)  # cumulative average over the batches
-            parts = (x[i:i + batch_size].to(dev),)
-            if lengths is not None:
-                parts += (lengths[i:i + batch_size].to(dev),)
-            model(*parts)
-            k += 1
+        with preserved_state(model):  # modes and buffers (running statistics, steps_tracked) as they were
+            model.train()
+            for i in range(0, len(x) - batch_size + 1, batch_size):
+                parts = (x[i:i + batch_size].to(dev),)
+                if lengths is not None:
+                    parts += (lengths[i:i + batch_size].to(dev),)
+                model(*parts)
+                k += 1
     finally:
-        for m, mom in momenta:
-            m.momentum = mom
-        for m, mode in flags:
-            m.training = mode
+        for h in hooks:
+            h.remove()
+    for m in layers:
+        for t, s in enumerate(moments[m]):
+            seen = s.mean is not None and s.n >= 2
+            m.running_mean[t] = s.mean.to(m.running_mean.dtype) if s.mean is not None and seen else 0.0
+            m.running_var[t] = s.var(unbiased=True).to(m.running_var.dtype) if seen else 1.0
+            m.steps_tracked[t] = s.batches if seen else 0
     return k
+
+
+def _step_recorder(moments: list[ChannelMoments]):
+    """A forward pre-hook that adds what each step of a :class:`StepBatchNorm` normalizes to ``moments[t]``."""
+    def add(stats: ChannelMoments, rows: Tensor) -> None:
+        if len(rows):
+            stats.update(rows)
+
+    def hook(module: StepBatchNorm, args: tuple, kwargs: dict) -> None:
+        x = args[0]
+        t = args[1] if len(args) > 1 else kwargs.get("t")
+        mask = args[2] if len(args) > 2 else kwargs.get("mask")
+        masking = module.masked and mask is not None
+        if t is not None:  # one step, (N, C)
+            if t < module.max_steps:
+                add(moments[t], x[mask] if masking else x)
+            return
+        for s in range(min(x.shape[1], module.max_steps)):  # every step, (N, T, C)
+            add(moments[s], x[:, s][mask[:, s]] if masking else x[:, s])
+    return hook

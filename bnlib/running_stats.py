@@ -136,7 +136,8 @@ def keras_style_update(moving_mean: Tensor, moving_var: Tensor, x: Tensor, momen
 class ChannelMoments:
     """Exact per-channel statistics of all the values seen, one batch at a time.
 
-    Keeps, per channel, the count ``n``, the mean and ``M2`` = Σ (x − mean)², in float64. Each batch
+    Keeps, per channel, the count ``n``, the mean and ``M2`` = Σ (x − mean)², in float64 (and the number of
+    batches added, ``batches``). Each batch
     is reduced on its own (two-pass) and merged with Chan, Golub & LeVeque's pairwise rule::
 
         δ = mean_b − mean_a,  n = n_a + n_b,
@@ -147,6 +148,7 @@ class ChannelMoments:
 
     def __init__(self) -> None:
         self.n = 0
+        self.batches = 0  # number of batches added
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
@@ -155,7 +157,8 @@ class ChannelMoments:
         x = x.detach().to(torch.float64)
         mean_b, var_b, n_b = _batch_moments(x)
         m2_b = var_b * n_b
-        if self.mean is None:
+        self.batches += 1
+        if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return self
         n_a, n = self.n, self.n + n_b
