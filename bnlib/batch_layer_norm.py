@@ -114,7 +114,7 @@ class BatchLayerNorm(DimCheck, BatchNormBase):
         self._check_num_channels(input)
         use_batch_stats = self.training or self.running_mean is None
         check_bn_input(input, use_batch_stats)
-        if use_batch_stats and input.numel() == 0:  # an empty batch: empty output, statistics (and count) untouched
+        if input.numel() == 0:  # an empty batch: empty output, statistics (and count) untouched
             return empty_batch(input, self.weight, self.bias)
         shape, n = channel_shape(input), input.shape[0]
         xs = to_stat_dtype(input)
