@@ -90,6 +90,7 @@ class BatchLayerNorm(DimCheck, BatchNormBase):
         device, dtype: where and in which dtype to create parameters and buffers.
     """
 
+    batch_size_tracked: Tensor | None
     affine_in_eval = False  # the per-example half depends on each example
     input_dims = (2, 3, 4)
     _layout = "2D (N, C), 3D (N, C, L) or 4D (N, C, H, W)"
@@ -106,8 +107,9 @@ class BatchLayerNorm(DimCheck, BatchNormBase):
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
-        if getattr(self, "batch_size_tracked", None) is not None:
-            self.batch_size_tracked.zero_()
+        tracked = getattr(self, "batch_size_tracked", None)
+        if tracked is not None:
+            tracked.zero_()
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -120,14 +122,17 @@ class BatchLayerNorm(DimCheck, BatchNormBase):
         xs = to_stat_dtype(input)
         if use_batch_stats:
             var_b, mu_b = torch.var_mean(xs, reduce_dims(input), correction=0, keepdim=True)  # μ_B, σ²_B
-            m = n
+            m: int | Tensor = n
             if self.training and self.track_running_stats:
+                assert self.batch_size_tracked is not None
                 self._count_batch()
                 count = input.numel() // input.shape[1]
                 with torch.no_grad():  # BN's running averages (the variance unbiased), and the batch size
                     update_running_stats(self.running_mean, self.running_var, mu_b, var_b, count, self._batch_weight())
                     self.batch_size_tracked.fill_(n)
         else:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.batch_size_tracked is not None
             mu_b = self.running_mean.to(xs.dtype).view(shape)
             var_b = self.running_var.to(xs.dtype).view(shape)
             tracked = self.batch_size_tracked.to(xs.dtype)  # a tensor: no host synchronization on CUDA
@@ -152,6 +157,8 @@ class BatchLayerNorm(DimCheck, BatchNormBase):
         var_b, mu_b = torch.var_mean(ghosts, dims, correction=0, keepdim=True)  # μ_j, σ²_j: (k, 1, C, 1, ...)
         x_b = ((ghosts - mu_b) * torch.rsqrt(var_b + self.eps)).reshape(input.shape)
         if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.batch_size_tracked is not None
             count = ghosts[0].numel() // input.shape[1]
             momenta = self._count_batches_and_weights(len(ghosts))  # chunk j is BN step j
             with torch.no_grad():

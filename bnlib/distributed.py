@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -186,9 +187,9 @@ def global_batch_stats(xs: Tensor, process_group, world_size: int):
     else:  # an empty slice: contributes nothing (and var_mean of nothing would be NaN)
         mean_l = m2_l = torch.zeros(C, dtype=ex, device=xs.device)
     packed = torch.cat([torch.full((1,), float(n_local), dtype=ex, device=xs.device), mean_l, m2_l])
-    table = [torch.empty_like(packed) for _ in range(world_size)]
-    _TIMER.run(lambda: dist.all_gather(table, packed, group=process_group), packed)
-    table = torch.stack(table)  # (R, 1 + 2C): n_r | μ_r | M2_r
+    gathered = [torch.empty_like(packed) for _ in range(world_size)]
+    _TIMER.run(lambda: dist.all_gather(gathered, packed, group=process_group), packed)
+    table = torch.stack(gathered)  # (R, 1 + 2C): n_r | μ_r | M2_r
     counts, means, m2s = table[:, :1], table[:, 1:1 + C], table[:, 1 + C:]
     n = counts.sum()
     if n == 1:
@@ -366,26 +367,27 @@ class SyncBatchNorm(BatchNormBase):
 
             model = SyncBatchNorm.convert_sync_batchnorm(model)
         """
-        out = module
+        out: Any = module
         if _is_convertible(module):
-            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            bn: Any = module  # a BatchNorm layer: its attributes are BatchNorm's
+            for t in list(bn.parameters(recurse=False)) + list(bn.buffers(recurse=False)):
                 if nn.parameter.is_lazy(t):
-                    raise ValueError(f"cannot convert {type(module).__name__} with uninitialized (lazy) "
+                    raise ValueError(f"cannot convert {type(bn).__name__} with uninitialized (lazy) "
                                      "parameters; run one forward pass first")
-            has_bias = module.bias is not None if module.affine else True
-            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            has_bias = bn.bias is not None if bn.affine else True
+            out = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                       process_group, device="meta", bias=has_bias)  # placeholders, replaced just below
-            if module.affine:
-                out.weight = module.weight
+            if bn.affine:
+                out.weight = bn.weight
                 if has_bias:
-                    out.bias = module.bias
-            if module.track_running_stats:
-                out.running_mean = module.running_mean
-                out.running_var = module.running_var
-                out.num_batches_tracked = module.num_batches_tracked
-            out.train(module.training)
+                    out.bias = bn.bias
+            if bn.track_running_stats:
+                out.running_mean = bn.running_mean
+                out.running_var = bn.running_var
+                out.num_batches_tracked = bn.num_batches_tracked
+            out.train(bn.training)
             if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
+                out.qconfig = bn.qconfig
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return out

@@ -105,6 +105,7 @@ class BatchNormFunction(torch.autograd.Function):
         rstd = var.add(_constant(eps, var)).rsqrt_()  # 1 / √(σ²_B + ε)
         scale = rstd if weight is None else rstd * _per_channel(weight, x)  # γ / √(σ²_B + ε)
         # y = γ (x − μ_B) / √(σ²_B + ε) + β = (d − δ)·scale + β
+        offset: Tensor | None
         if delta is not None:
             offset = torch.mul(delta, scale).neg_() if bias is None else torch.addcmul(
                 _per_channel(bias, x), delta, scale, value=-1)  # β − δ·scale

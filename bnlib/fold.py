@@ -100,6 +100,7 @@ float32 the folded model matches the unfolded eval model to about 1e-6.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -178,7 +179,7 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _layer_problem(layer: nn.Module) -> str | None:
+def _layer_problem(layer: Any) -> str | None:
     if not isinstance(layer, _FOLDABLE_TYPES):
         return f"its input comes from a {type(layer).__name__}, not a Conv/ConvTranspose/Linear"
     if type(layer).forward not in _FOLDABLE_FORWARDS:
@@ -190,7 +191,7 @@ def _layer_problem(layer: nn.Module) -> str | None:
     return None
 
 
-def _bn_problem(bn: nn.Module) -> str | None:
+def _bn_problem(bn: Any) -> str | None:
     if not getattr(bn, "track_running_stats", False) or bn.running_mean is None \
             or bn.running_var is None:
         return ("track_running_stats=False: it normalizes with batch statistics "
@@ -213,12 +214,12 @@ def _bn_problem(bn: nn.Module) -> str | None:
     return None
 
 
-def _out_channels(layer: nn.Module) -> int:
+def _out_channels(layer: Any) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 @torch.no_grad()
-def _fold_pair(layer: nn.Module, bn: nn.Module) -> None:
+def _fold_pair(layer: Any, bn: Any) -> None:
     """Fold eval-mode ``bn`` into ``layer`` in place (float64 math)."""
     w = layer.weight
     dt = torch.float64
@@ -297,13 +298,14 @@ def _pairs_fx(model: nn.Module, names: dict[int, str]):
                                or src.op != "call_module"):
             what = "its input" if src is None else f"its input ({getattr(src, 'name', src)})"
             reason = f"{what} is not the output of a Conv/ConvTranspose/Linear module"
-        layer = None
+        layer: Any = None
         if reason is None:
-            layer = model.get_submodule(src.target)
+            assert isinstance(src, fx.Node)
+            layer = model.get_submodule(str(src.target))
             reason = _layer_problem(layer)
         if reason is None and calls[id(layer)] != 1:
             reason = f"the preceding layer {names[id(layer)]!r} is called {calls[id(layer)]} times"
-        if reason is None and len(src.users) != 1:
+        if reason is None and isinstance(src, fx.Node) and len(src.users) != 1:
             reason = (f"the output of the preceding layer {names[id(layer)]!r} is also "
                       f"used elsewhere ({len(src.users)} users)")
         if reason is None and _out_channels(layer) != bn.num_features:
@@ -351,8 +353,10 @@ def _pairs_sequential(model: nn.Module, names: dict[int, str], why: str):
             if id(m) not in found:
                 skipped.append((names[id(m)], "cannot tell what it follows: it is not directly "
                                 f"after a layer in an nn.Sequential ({why})"))
-            elif found[id(m)] is not None:
-                skipped.append((names[id(m)], found[id(m)]))
+            else:
+                reason = found[id(m)]
+                if reason is not None:
+                    skipped.append((names[id(m)], reason))
     return pairs, skipped
 
 
@@ -411,7 +415,7 @@ def fold_batchnorm(model: nn.Module, strict: bool = True, method: str = "auto",
                         "compiled, so no layer can be replaced in it. Fold the eager model, then script the result: "
                         "torch.jit.script(fold_batchnorm(model))")
     folded = copy.deepcopy(model).eval()
-    names = {}
+    names: dict[int, str] = {}
     for qn, m in folded.named_modules():  # first (canonical) name of every module
         names.setdefault(id(m), _name(qn))
 

@@ -35,6 +35,8 @@ for it): Precise BN (:mod:`bnlib.running_stats`) leaves its statistics alone and
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -61,6 +63,11 @@ class FrozenBatchNorm(nn.Module):
     """
 
     input_dims: tuple[int, ...] = ()  # allowed input dimensions; empty: any with at least 2
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
     _layout = "(N, C, *)"
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, train_affine: bool = False,
@@ -87,7 +94,7 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module, train_affine: bool = False) -> FrozenBatchNorm:
+    def from_batchnorm(cls, bn: Any, train_affine: bool = False) -> FrozenBatchNorm:
         """A frozen copy of the BN layer ``bn``: its eps, γ, β and running statistics (copied, not shared).
 
         Raises:
@@ -110,10 +117,10 @@ class FrozenBatchNorm(nn.Module):
             out.running_var.copy_(bn.running_var)
             if bn.num_batches_tracked is not None:
                 out.num_batches_tracked.copy_(bn.num_batches_tracked)
-            if affine:
+            if out.weight is not None:
                 out.weight.copy_(bn.weight)
-                if bn.bias is not None:
-                    out.bias.copy_(bn.bias)
+            if out.bias is not None:
+                out.bias.copy_(bn.bias)
         out.train(bn.training)
         return out
 

@@ -10,6 +10,7 @@ r"""Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017): BN over ghost batc
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ def ghost_batches(input: Tensor, vbs: int) -> tuple[Tensor, list[int]]:
     return ghosts, [1] + list(range(3, ghosts.dim()))
 
 
-def checked_ghost_batches(layer: nn.Module, input: Tensor, vbs: int) -> tuple[Tensor, list[int]]:
+def checked_ghost_batches(layer: Any, input: Tensor, vbs: int) -> tuple[Tensor, list[int]]:
     """:func:`ghost_batches` of ``input`` after the checks ``layer`` makes on each chunk of ``vbs`` rows in
     training."""
     layer._check_input_dim(input)
@@ -77,7 +78,9 @@ class GhostBatchNormBase(DimCheck, BatchNormBase):
         xhat = ((ghosts - mean) * torch.rsqrt(var + self.eps)).reshape(input.shape)  # (x − μ_j)/√(σ²_j + ε)
         y = apply_affine(xhat, self.weight, self.bias, channel_shape(input)).to(input.dtype)  # one shared γ, β
         if self.training and self.track_running_stats:
-            momenta = self._count_batches_and_weights(len(ghosts))  # one running-statistics step per ghost batch, in order
+            # one running-statistics step per ghost batch, in order
+            momenta = self._count_batches_and_weights(len(ghosts))
+            assert self.running_mean is not None and self.running_var is not None  # track_running_stats
             with torch.no_grad():
                 update_running_stats_steps(self.running_mean, self.running_var, mean, var, per_ghost, momenta)
         return y

@@ -51,6 +51,11 @@ class NormBase(nn.Module):
     """
 
     _version = 2  # the state_dict layout of torch.nn's BatchNorm (with num_batches_tracked)
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
@@ -86,7 +91,7 @@ class NormBase(nn.Module):
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batch tracked."""
-        if self.track_running_stats:
+        if self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
@@ -94,7 +99,7 @@ class NormBase(nn.Module):
     def reset_parameters(self) -> None:
         """Reset the running statistics, γ to 1 and β to 0."""
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
             if self.bias is not None:
                 nn.init.zeros_(self.bias)

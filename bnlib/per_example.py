@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +35,7 @@ from .modules import NormBase
 __all__ = ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNormBase", "LayerNorm"]
 
 
-_ShapeLike = Union[int, Sequence[int], torch.Size]
+_ShapeLike = int | Sequence[int] | torch.Size
 
 
 class LayerNorm(nn.Module):
@@ -210,6 +209,7 @@ class InstanceNormBase(NormBase):
                     update_running_stats(self.running_mean, self.running_var, mean.mean(0), var.mean(0), L,
                                          float(momentum))
         else:
+            assert self.running_mean is not None and self.running_var is not None  # track_running_stats
             mean = self.running_mean.to(xs.dtype).view(shape)
             var = self.running_var.to(xs.dtype).view(shape)
         xhat = (xs - mean) * torch.rsqrt(var + self.eps)  # x̂ = (x − μ) / √(σ² + ε)

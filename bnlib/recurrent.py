@@ -68,6 +68,10 @@ class StepBatchNorm(nn.Module):
             own bias follows the sum of the two normalized terms.
     """
 
+    running_mean: Tensor
+    running_var: Tensor
+    steps_tracked: Tensor
+
     def __init__(self, num_features: int, max_steps: int, masked: bool = False, eps: float = 1e-5,
                  momentum: float = 0.1, gamma_init: float = 0.1, bias: bool = True) -> None:
         super().__init__()
@@ -200,7 +204,7 @@ def recompute_step_stats(model: nn.Module, x: Tensor, lengths: Tensor | None = N
         with preserved_state(model):  # modes and buffers (running statistics, steps_tracked) as they were
             model.train()
             for i in range(0, len(x) - batch_size + 1, batch_size):
-                parts = (x[i:i + batch_size].to(dev),)
+                parts: tuple[Tensor, ...] = (x[i:i + batch_size].to(dev),)
                 if lengths is not None:
                     parts += (lengths[i:i + batch_size].to(dev),)
                 model(*parts)
@@ -227,11 +231,12 @@ def _step_recorder(moments: list[ChannelMoments]):
         x = args[0]
         t = args[1] if len(args) > 1 else kwargs.get("t")
         mask = args[2] if len(args) > 2 else kwargs.get("mask")
-        masking = module.masked and mask is not None
+        if not module.masked:
+            mask = None
         if t is not None:  # one step, (N, C)
             if t < module.max_steps:
-                add(moments[t], x[mask] if masking else x)
+                add(moments[t], x if mask is None else x[mask])
             return
         for s in range(min(x.shape[1], module.max_steps)):  # every step, (N, T, C)
-            add(moments[s], x[:, s][mask[:, s]] if masking else x[:, s])
+            add(moments[s], x[:, s] if mask is None else x[:, s][mask[:, s]])
     return hook

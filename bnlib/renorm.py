@@ -33,6 +33,9 @@ __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenormBase", "apply_renorm_sc
 class BatchRenormBase(DimCheck, BatchNormBase):
     r"""Batch Renormalization (Ioffe 2017); see :class:`BatchRenorm2d`."""
 
+    running_mean: Tensor  # always kept: r and d need them
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01, affine: bool = True,
                  r_max: float = 1.0, d_max: float = 0.0, device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)

@@ -23,6 +23,7 @@ and they disagree on what "momentum" means. The chapter *The algorithm*
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -170,7 +171,7 @@ class ChannelMoments:
 
     def var(self, unbiased: bool = True) -> Tensor:
         """The variance per channel: ``M2 / (n − 1)`` (unbiased, default) or ``M2 / n``."""
-        if self.mean is None:
+        if self.mean is None or self.m2 is None:
             raise ValueError("no data seen yet")
         return self.m2 / (self.n - 1 if unbiased else self.n)
 
@@ -224,7 +225,7 @@ def recompute_bn_stats(model: nn.Module, x: Tensor | Iterable, batch_size: int =
     Returns:
         dict: layer name -> :class:`ChannelMoments` of that layer's input.
     """
-    layers = bn_layers(model, tracking=True)
+    layers: dict[str, Any] = bn_layers(model, tracking=True)  # BatchNorm layers: their attributes are BatchNorm's
     if not layers:
         return {}
     moments = {name: ChannelMoments() for name in layers}
@@ -253,7 +254,7 @@ def recompute_bn_stats(model: nn.Module, x: Tensor | Iterable, batch_size: int =
         raise ValueError("recompute_bn_stats() got no batches")
     for name, m in layers.items():
         s = moments[name]
-        if s.n < 2:
+        if s.n < 2 or s.mean is None:
             raise ValueError(f"layer {name!r} saw {s.n} value(s) per channel; need at least 2")
         m.running_mean.copy_(s.mean.to(m.running_mean.dtype))
         m.running_var.copy_(s.var(unbiased=True).to(m.running_var.dtype))

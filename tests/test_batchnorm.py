@@ -145,7 +145,8 @@ def test_numpy_reference_against_autograd(shape):
     yt = torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True, eps=1e-5)
     yt.backward(torch.tensor(dy))
     np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-10, atol=1e-12)
-    for ours, graph, theirs in [(dx, dx_graph, xt.grad), (dgamma, dgamma_graph, gt.grad), (dbeta, dbeta_graph, bt.grad)]:
+    for ours, graph, theirs in [(dx, dx_graph, xt.grad), (dgamma, dgamma_graph, gt.grad),
+                                (dbeta, dbeta_graph, bt.grad)]:
         np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-9, atol=1e-11)
         np.testing.assert_allclose(graph, theirs.numpy(), rtol=1e-9, atol=1e-11)
 
@@ -208,7 +209,8 @@ def test_constructor_matches_torch():
     bn = bnlib.BatchNorm1d(4, affine=False, track_running_stats=False, dtype=torch.float64)
     assert bn.weight is None and bn.running_mean is None and bn.num_batches_tracked is None
     no_shift = bnlib.BatchNorm1d(4, bias=False)
-    assert no_shift.bias is None and repr(no_shift).split("(", 1)[1] == repr(nn.BatchNorm1d(4, bias=False)).split("(", 1)[1]
+    assert no_shift.bias is None
+    assert repr(no_shift).split("(", 1)[1] == repr(nn.BatchNorm1d(4, bias=False)).split("(", 1)[1]
     assert dict(bnlib.BatchNorm1d(3, dtype=torch.float16).named_buffers())["running_mean"].dtype == torch.float16
 
 

@@ -61,7 +61,8 @@ def pair(ours_cls, theirs_cls, *args, **kwargs):
 
 # ---------------------------------------------------------------------------------------------- LN / GN / IN
 
-@pytest.mark.parametrize("normalized_shape,input_shape", [(6, (4, 6)), ((3, 4), (2, 5, 3, 4)), ([5, 2, 3], (3, 5, 2, 3))])
+@pytest.mark.parametrize("normalized_shape,input_shape",
+                         [(6, (4, 6)), ((3, 4), (2, 5, 3, 4)), ([5, 2, 3], (3, 5, 2, 3))])
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, True)])
 def test_layer_norm_matches_torch(normalized_shape, input_shape, affine, bias):
     ours, theirs = pair(V.LayerNorm, nn.LayerNorm, normalized_shape, eps=1e-3, elementwise_affine=affine, bias=bias)
@@ -359,7 +360,7 @@ def test_ghost_batch_norm_errors():
     assert layer(torch.randn(10, 3)).shape == (10, 3)  # eval uses running statistics: any batch size
 
 
-# ---------------------------------------------------------------------------------------------- Batch Layer Normalization
+# ------------------------------------------------------------------------------------------ Batch Layer Normalization
 
 def bln_reference(x, w, b, eps, m, scale_by_sqrt_dk=False, mu_b=None, var_b=None):
     """The authors'-code formula written out directly, with stats over (N, *spatial) and (C, *spatial)."""
@@ -444,7 +445,8 @@ def test_batch_layer_norm_state_and_errors():
 # ---------------------------------------------------------------------------------------------- dtype / device
 
 def all_layers(C=4):
-    return [V.LayerNorm((C, 3, 3)), V.GroupNorm(2, C, affine=True), V.InstanceNorm2d(C, affine=True, track_running_stats=True),
+    return [V.LayerNorm((C, 3, 3)), V.GroupNorm(2, C, affine=True),
+            V.InstanceNorm2d(C, affine=True, track_running_stats=True),
             V.BatchRenorm2d(C, r_max=2.0, d_max=1.0), V.GhostBatchNorm2d(C, 2), V.BatchLayerNorm(C)]
 
 
