@@ -367,7 +367,7 @@ def _bn_input_dims(model: nn.Module, example_input) -> dict[int, tuple[int, ...]
     def record(module, args):
         shapes.setdefault(id(module), tuple(args[0].shape))
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if is_batchnorm(m)]
+    handles = [m.register_forward_pre_hook(record) for m in bn_layers(model).values()]
     try:
         with torch.no_grad():
             model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
