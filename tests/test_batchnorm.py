@@ -44,6 +44,7 @@ FLAGS = [(a, b, t, m) for a, b in [(True, True), (True, False), (False, True)]
          for t, m in itertools.product([True, False], [0.1, 0.5, None])]
 
 
+@pytest.mark.recent_torch
 @pytest.mark.parametrize("kind", PAIRS)
 @pytest.mark.parametrize("affine,bias,track,momentum", FLAGS)
 def test_train_eval_sequence_matches_torch(kind, affine, bias, track, momentum):
@@ -201,6 +202,7 @@ def test_old_state_dict_without_num_batches_tracked_loads():
     assert int(bn.num_batches_tracked) == 0
 
 
+@pytest.mark.recent_torch
 def test_constructor_matches_torch():
     ours, theirs = bnlib.BatchNorm2d(7), nn.BatchNorm2d(7)
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]

@@ -9,6 +9,7 @@ import torch
 import bnlib
 
 
+@pytest.mark.recent_torch
 def test_compile_fullgraph_matches_eager():
     """Inductor on the CPU (needs a C++ compiler) traces BatchNormFunction whole, forward and backward."""
     torch._dynamo.reset()

@@ -103,6 +103,7 @@ def test_group_norm_errors():
 IN_PAIRS = [(V.InstanceNorm1d, nn.InstanceNorm1d, (4, 3, 7)), (V.InstanceNorm2d, nn.InstanceNorm2d, (4, 3, 5, 2))]
 
 
+@pytest.mark.recent_torch
 @pytest.mark.parametrize("ours_cls,theirs_cls,shape", IN_PAIRS)
 @pytest.mark.parametrize("affine,track,momentum", [(False, False, 0.1), (True, False, 0.1), (False, True, 0.1),
                                                    (True, True, 0.3), (True, True, None)])
@@ -480,6 +481,7 @@ def test_cuda_matches_cpu():
 # torch.nn 2.13 parity: the bias= keyword and empty batches
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.recent_torch
 @pytest.mark.parametrize("make, shape", [
     (lambda lib: lib.GroupNorm(2, 4, bias=False), (3, 4, 5)),
     (lambda lib: lib.LayerNorm(5, bias=False), (3, 4, 5)),
