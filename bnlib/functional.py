@@ -36,8 +36,9 @@ an empty output and leaves the running statistics untouched; ``eps`` must be pos
 non-negative in evaluation (``ValueError`` at the call, not at construction); a channel holding ``+inf`` gets
 ``mean = inf`` and ``var = nan`` (so ``running_mean`` becomes ``inf``, ``running_var`` and that channel's output
 NaN); the output has torch.nn's memory format (channels-last stays channels-last). Under TorchScript, which cannot
-compile a Python ``autograd.Function``, the training mode is :func:`bnlib.closed_form.batch_norm_train` and
-autograd derives its backward.
+compile a Python ``autograd.Function``, and under the transforms of ``torch.func`` (``vmap``, ``grad``,
+``jacrev``, ``jacfwd``) and forward-mode AD, the training mode is :func:`bnlib.closed_form.batch_norm_train` and
+autograd derives its derivatives.
 
 Validation happens once per call: :func:`batch_norm` checks its arguments with :func:`check_bn_input`, then runs
 the unchecked :func:`batch_norm_core`, which the layers call directly after checking their own input.
@@ -118,14 +119,10 @@ def batch_norm_core(input: Tensor, running_mean: Tensor | None, running_var: Ten
         return _inference(input, running_mean, running_var, weight, bias, eps)
     if input.numel() == 0:  # an empty batch: nothing to normalize, no statistics to learn from (as torch.nn)
         return empty_batch(input, weight, bias)
-    if torch.jit.is_scripting():  # autograd derives the backward of the closed form's forward
-        y, mean, var = closed_form.batch_norm_train(input, weight, bias, eps)
-        y, mean, var = in_torch_layout(y, input), mean.detach(), var.detach()
-    elif _plain[0]:
-        y, mean, var = closed_form.BatchNormFunction.apply(input, weight, bias, eps)
-        y = in_torch_layout(y, input)
+    if torch.jit.is_scripting():
+        y, mean, var = _differentiable(input, weight, bias, eps)
     else:
-        y, mean, var = fast.BatchNormFunction.apply(input, weight, bias, eps)
+        y, mean, var = _train(input, running_mean, weight, bias, eps)
     m = input.numel() // input.shape[1]
     if (running_mean is not None and running_mean.requires_grad) or (running_var is not None
                                                                       and running_var.requires_grad):
@@ -134,6 +131,40 @@ def batch_norm_core(input: Tensor, running_mean: Tensor | None, running_var: Ten
     else:  # the statistics are not differentiable: no graph is recorded (and no context is needed)
         update_running_stats(running_mean, running_var, mean, var, m, momentum)
     return y
+
+
+def _differentiable(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The closed form's forward in plain operations; autograd (or a transform) derives its derivatives."""
+    y, mean, var = closed_form.batch_norm_train(input, weight, bias, eps)
+    return in_torch_layout(y, input), mean.detach(), var.detach()
+
+
+def _train(input: Tensor, running_mean: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+           eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode ``(y, mean, var)`` outside TorchScript: the tuned Function, the plain one, or plain operations."""
+    if _transformed(input, running_mean):
+        return _differentiable(input, weight, bias, eps)
+    if _plain[0]:
+        y, mean, var = closed_form.BatchNormFunction.apply(input, weight, bias, eps)
+        return in_torch_layout(y, input), mean, var
+    return fast.BatchNormFunction.apply(input, weight, bias, eps)
+
+
+def _transformed(input: Tensor, running_mean: Tensor | None) -> bool:
+    """Whether ``input`` is under a ``torch.func`` transform (vmap, grad, jacrev, jacfwd, ...) or forward-mode AD.
+
+    There the training mode runs the closed form's forward in plain operations, which every transform
+    differentiates and batches itself, as torch.nn's; the autograd Functions' hand-written backward covers only
+    ordinary (reverse-mode) autograd.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    if running_mean is not None and functorch.is_batchedtensor(input) and not functorch.is_batchedtensor(running_mean):
+        raise RuntimeError("batch_norm got a batched input (torch.func.vmap) while running_mean and running_var, "
+                           "updated in place, are not batched: use track_running_stats=False, or batch the buffers")
+    return functorch.is_functorch_wrapped_tensor(input) or torch.autograd.forward_ad._current_level >= 0
 
 
 def _inference(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
