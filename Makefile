@@ -1,6 +1,6 @@
 # Batch Normalization book: build, test and refresh the notebooks.
 #   make book     render the book from the stored notebook outputs -> _build/html
-#   make test     lint + unit tests + re-execute every chapter (nbval, 2 at once) + strict build
+#   make test     lint + type check + unit tests + re-execute every chapter (nbval, 2 at once) + strict build
 #                 + browser test of the built pages + Colab-style chapter run
 #   make browser  install Debian's chromium for the browser test (needs root)
 #   make test-book  only the book-level tests (tests_book/) on the current build
@@ -9,6 +9,7 @@
 #   make device-data  MNIST gzipped into ./data, to carry to a machine without network
 #   make device-run   every chapter as plain Python + the benchmarks -> results/device
 #                     (tools/device_run.sh; README, "Running on a GPU")
+#   make test-oldest-torch  the library's unit tests on the oldest supported torch, in a fresh venv (not in test)
 #   make clean    remove _build
 # Everything runs inside .venv, which is created on first use.
 
@@ -35,7 +36,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
 
-.PHONY: venv data book lint test test-book browser execute bench device-data device-run clean
+.PHONY: venv data book lint test test-book test-oldest-torch browser execute bench device-data device-run clean
 
 venv: $(STAMP)
 
@@ -52,8 +53,9 @@ book: $(STAMP) data
 	$(BIN)/jupyter-book build .
 
 test: $(STAMP) data
-	@echo "==> [1/5] lint (ruff, configured in pyproject.toml), then the bnlib unit tests"
+	@echo "==> [1/5] lint (ruff), type check of the normalization library (mypy; both configured in pyproject.toml), then the bnlib unit tests"
 	@$(BIN)/ruff check bnlib tests tests_book tools
+	@$(BIN)/mypy
 	@SECONDS=0; $(NB_ENV) $(PYTHON) -m pytest -q tests; \
 	  echo "==> [1/5] unit tests passed in $${SECONDS}s"
 	@echo "==> [2/5] re-executing chapters with nbval"
@@ -102,6 +104,30 @@ execute: $(STAMP) data
 
 lint: $(STAMP)
 	$(BIN)/ruff check bnlib tests tests_book tools
+	$(BIN)/mypy
+
+# The unit tests of the normalization library on the oldest torch it supports (the floor in pyproject.toml),
+# in a fresh virtual environment under /tmp with that torch from PyPI (a large download: the CUDA build and its
+# libraries; TORCH_PIP_ARGS="--index-url <a CPU-only index>" fetches a smaller one). Not part of `make test`.
+# Tests marked recent_torch compare with what only later releases do (torch.nn's bias= keyword and eps checks,
+# torch.compile of the fast path) and are left out.
+# OLDEST_PY must be a Python that release has wheels for (3.10 to 3.12).
+OLDEST_TORCH ?= 2.3.1
+OLDEST_PY ?= $(PY)
+OLDEST_VENV ?= /tmp/bnlib-oldest-torch
+TORCH_PIP_ARGS ?=
+OLDEST_TESTS = tests/test_batchnorm.py tests/test_bn_parity.py tests/test_fastpath.py tests/test_closed_form.py \
+	tests/test_edges.py tests/test_variants.py tests/test_fold.py tests/test_frozen.py tests/test_recurrent.py \
+	tests/test_running_stats.py tests/test_layers.py tests/test_distributed.py
+test-oldest-torch:
+	@echo "==> unit tests of the normalization library on torch $(OLDEST_TORCH) ($(OLDEST_VENV))"
+	rm -rf $(OLDEST_VENV)
+	$(OLDEST_PY) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q $(TORCH_PIP_ARGS) "torch==$(OLDEST_TORCH)"
+	$(OLDEST_VENV)/bin/pip install -q "numpy<2" matplotlib tqdm pytest
+	$(OLDEST_VENV)/bin/pip install -q --no-deps -e .
+	cd $(OLDEST_VENV) && $(OLDEST_VENV)/bin/python -c 'import torch, bnlib; print("torch", torch.__version__, "bnlib from", bnlib.__file__)'
+	$(NB_ENV) $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not recent_torch" $(OLDEST_TESTS)
 
 bench: $(STAMP)
 	$(PYTHON) -m bnlib.lab.bench

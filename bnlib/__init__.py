@@ -6,9 +6,14 @@ The package has two parts, visible in its file tree:
   NumPy for the reference implementation) only, and ``import bnlib`` loads nothing else:
 
   - ``reference``      NumPy teaching implementation: forward, backward by hand, numerical gradients
-  - ``functional``     ``batch_norm`` in plain tensor operations with a closed-form backward
+  - ``closed_form``    BN in PyTorch as the paper writes it: Algorithm 1 and the closed-form backward, line by line
+  - ``fast``           the same closed form, tuned for speed (the default)
+  - ``functional``     ``batch_norm`` with torch.nn.functional's semantics, on either of the two
   - ``modules``        ``BatchNorm1d/2d/3d``, drop-in replacements for torch.nn's
-  - ``variants``       LayerNorm, GroupNorm, InstanceNorm, Batch Renorm, Ghost BN, Batch Layer Norm
+  - ``per_example``    LayerNorm, GroupNorm, InstanceNorm
+  - ``renorm``         Batch Renormalization
+  - ``ghost``          Ghost Batch Normalization
+  - ``batch_layer_norm``  Batch Layer Normalization (``variants`` gathers these four families)
   - ``recurrent``      per-time-step BN for recurrent networks
   - ``distributed``    ``SyncBatchNorm`` on torch.distributed (gloo on CPU, NCCL on GPU)
   - ``running_stats``  momentum conventions (PyTorch, Keras, Flax) and Precise BN
@@ -17,6 +22,7 @@ The package has two parts, visible in its file tree:
   - ``inplace_abn``    In-Place Activated BN: BN + leaky ReLU that keeps only its output for the backward
   - ``layers``         which modules count as batch-statistics layers (one definition)
   - ``checkup``        the common BN mistakes found in a model, with evidence (``bnlib.checkup(model, batch)``)
+  - ``core``           what they all share: shapes, validation, layouts, the running-average update
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
   measurements, plots, multi-process launch, benchmarks and their measured records. It is what
@@ -25,7 +31,7 @@ The package has two parts, visible in its file tree:
 
 __version__ = "0.1.0"
 
-from . import functional, layers, reference, running_stats
+from . import closed_form, functional, layers, reference, running_stats
 from .checkup import checkup
 from .distributed import SyncBatchNorm
 from .fold import fold_batchnorm
@@ -50,9 +56,9 @@ from .variants import (
 
 __all__ = [
     "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
-    "GhostBatch", "GhostBatchNorm1d", "InPlaceABN", "GhostBatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
-    "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "recompute_step_stats",
-    "reference", "renorm_schedule", "running_stats",
-    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm",
-    "checkup",
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GhostBatch", "GhostBatchNorm1d",
+    "GhostBatchNorm2d", "GroupNorm", "InPlaceABN", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
+    "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "checkup", "closed_form", "fold_batchnorm",
+    "freeze_batchnorm", "functional", "layers", "recompute_step_stats", "reference", "renorm_schedule",
+    "running_stats",
 ]

@@ -77,16 +77,17 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import functional as bnf
-from .functional import _channel_shape, _reduce_dims, _stat_dtype
+from .closed_form import input_gradient
+from .core import channel_shape, check_bn_input, reduce_dims, stat_dtype, update_running_stats
 from .layers import is_batchnorm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "communication_timer"]
 
@@ -178,7 +179,7 @@ def global_batch_stats(xs: Tensor, process_group, world_size: int):
     n_local = xs.numel() // C
     ex = _exchange_dtype(xs)
     if n_local > 0:
-        dims = _reduce_dims(xs)
+        dims = reduce_dims(xs)
         shift = xs.mean(dims, keepdim=True)  # K_r ≈ μ_r, the plain mean
         var_l, delta = torch.var_mean(xs - shift, dims, correction=0)  # σ²_r and δ_r = μ_r − K_r (tiny)
         mean_l = shift.view(-1).to(ex) + delta.to(ex)  # μ_r = K_r + δ_r
@@ -186,9 +187,9 @@ def global_batch_stats(xs: Tensor, process_group, world_size: int):
     else:  # an empty slice: contributes nothing (and var_mean of nothing would be NaN)
         mean_l = m2_l = torch.zeros(C, dtype=ex, device=xs.device)
     packed = torch.cat([torch.full((1,), float(n_local), dtype=ex, device=xs.device), mean_l, m2_l])
-    table = [torch.empty_like(packed) for _ in range(world_size)]
-    _TIMER.run(lambda: dist.all_gather(table, packed, group=process_group), packed)
-    table = torch.stack(table)  # (R, 1 + 2C): n_r | μ_r | M2_r
+    gathered = [torch.empty_like(packed) for _ in range(world_size)]
+    _TIMER.run(lambda: dist.all_gather(gathered, packed, group=process_group), packed)
+    table = torch.stack(gathered)  # (R, 1 + 2C): n_r | μ_r | M2_r
     counts, means, m2s = table[:, :1], table[:, 1:1 + C], table[:, 1 + C:]
     n = counts.sum()
     if n == 1:
@@ -232,8 +233,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, process_group,
                 world_size: int):
-        shape = _channel_shape(x)
-        sd = _stat_dtype(x)
+        shape = channel_shape(x)
+        sd = stat_dtype(x)
         xs = x.to(sd)
         mean64, var64, n = global_batch_stats(xs, process_group, world_size)
         shift, delta = _split_mean(mean64, sd, shape)  # μ = K + δ
@@ -256,9 +257,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor, _dmean, _dvar, _dn):
         x, weight, shift, delta, rstd, n = ctx.saved_tensors
-        dims, shape = _reduce_dims(x), _channel_shape(x)
+        dims, shape = reduce_dims(x), channel_shape(x)
         C = x.shape[1]
-        xs = x.to(_stat_dtype(x))
+        xs = x.to(stat_dtype(x))
         g = dy.to(xs.dtype)
         xhat = (xs - shift).sub_(delta).mul_(rstd)  # x̂ = ((x − K) − δ) / √(σ² + ε), global statistics
         sum_g = g.sum(dims)  # local Σ g      = this replica's ∂L/∂β
@@ -268,10 +269,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             both = torch.cat([sum_g, sum_gx])
             _TIMER.run(lambda: dist.all_reduce(both, op=dist.ReduceOp.SUM, group=ctx.process_group), both)
             glob_g, glob_gx = both[:C].view(shape), both[C:].view(shape)  # Σ over every replica
-            m = n.to(xs.dtype)
-            k = rstd if weight is None else rstd * weight.to(rstd.dtype).view(shape)
-            # ∂L/∂x = γ/√(σ²+ε) · (g − Σg/n − x̂ Σg x̂/n), sums and n over the whole batch
-            dx = (k * (g - glob_g / m - xhat * (glob_gx / m))).to(x.dtype)
+            scale = rstd if weight is None else rstd * weight.to(rstd.dtype).view(shape)  # γ / √(σ² + ε)
+            # the closed form's ∂L/∂x with the sums and the count n over the whole batch
+            dx = input_gradient(g, xhat, scale, glob_g, glob_gx, n.to(xs.dtype)).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = sum_gx.to(weight.dtype)
         if ctx.needs_input_grad[2]:
@@ -296,7 +296,7 @@ def _is_convertible(module: nn.Module) -> bool:
                                                                                     BatchNorm3d)
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(BatchNormBase):
     r"""Batch Normalization with statistics over the batches of every process of a group.
 
     Same arguments as :class:`torch.nn.SyncBatchNorm`: those of :class:`bnlib.BatchNorm2d` plus
@@ -339,19 +339,17 @@ class SyncBatchNorm(_BatchNorm):
         self._check_num_channels(input)
         # Local checks only; "at least two values per channel" needs the global count and is
         # checked (identically on every replica) after the forward collective.
-        bnf.check_bn_input(input, False, weight=self.weight, bias=self.bias,
+        check_bn_input(input, False, weight=self.weight, bias=self.bias,
                            running_mean=self.running_mean, running_var=self.running_var)
         if not self.eps > 0:  # as in training mode without a process group (a constant channel gives 0/0)
             raise ValueError(f"batch_norm eps must be positive during training, got {self.eps}")
         y, mean, var, n = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps,
                                                       self.process_group, world_size)
         # Counted only now: a forward that raised (e.g. one value per channel over all replicas) is no batch.
-        momentum = self._momentum_for_this_batch()
+        self._count_batch()
         if self.track_running_stats and n > 0:  # an empty global batch leaves the statistics alone
-            with torch.no_grad():
-                unbiased = var * (n / (n - 1)).to(var.dtype)  # global n/(n−1) · σ²
-                self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
-                self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+            with torch.no_grad():  # the global mean and the global n/(n−1)·σ²
+                update_running_stats(self.running_mean, self.running_var, mean, var, int(n), self._batch_weight())
         return y
 
     @classmethod
@@ -369,26 +367,27 @@ class SyncBatchNorm(_BatchNorm):
 
             model = SyncBatchNorm.convert_sync_batchnorm(model)
         """
-        out = module
+        out: Any = module
         if _is_convertible(module):
-            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            bn: Any = module  # a BatchNorm layer: its attributes are BatchNorm's
+            for t in list(bn.parameters(recurse=False)) + list(bn.buffers(recurse=False)):
                 if nn.parameter.is_lazy(t):
-                    raise ValueError(f"cannot convert {type(module).__name__} with uninitialized (lazy) "
+                    raise ValueError(f"cannot convert {type(bn).__name__} with uninitialized (lazy) "
                                      "parameters; run one forward pass first")
-            has_bias = module.bias is not None if module.affine else True
-            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            has_bias = bn.bias is not None if bn.affine else True
+            out = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                       process_group, device="meta", bias=has_bias)  # placeholders, replaced just below
-            if module.affine:
-                out.weight = module.weight
+            if bn.affine:
+                out.weight = bn.weight
                 if has_bias:
-                    out.bias = module.bias
-            if module.track_running_stats:
-                out.running_mean = module.running_mean
-                out.running_var = module.running_var
-                out.num_batches_tracked = module.num_batches_tracked
-            out.train(module.training)
+                    out.bias = bn.bias
+            if bn.track_running_stats:
+                out.running_mean = bn.running_mean
+                out.running_var = bn.running_var
+                out.num_batches_tracked = bn.num_batches_tracked
+            out.train(bn.training)
             if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
+                out.qconfig = bn.qconfig
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return out

@@ -30,7 +30,7 @@ Public API
     a :class:`LinearFoldGuard`, below) and the layer before it gets the folded
     weight and a (possibly new) bias. With ``strict=True`` a :class:`FoldError`
     lists every BN that cannot be folded, by qualified name and reason.
-``count_batchnorms(model) -> int``, ``is_batchnorm(module) -> bool``.
+``count_batchnorms(model) -> int`` (``len(bnlib.layers.bn_layers(model))``), ``is_batchnorm(module) -> bool``.
 
 How "directly follows" is decided
 ---------------------------------
@@ -65,7 +65,14 @@ reason) when:
   hooks or parametrizations (``weight_norm``, ``spectral_norm``, ...), or the
   layer is a subclass that overrides ``forward`` (e.g. a weight-standardized
   conv) -- folding into the stored weight would then be wrong;
+* the BN is a subclass whose ``forward`` is not the one of the library class it extends (torch.nn's or
+  bnlib's): its eval-mode output need not be BN's affine map;
+* its evaluation output is not an affine map at all (the class attribute ``affine_in_eval`` is False, e.g.
+  Batch Layer Normalization, whose per-example half depends on each example);
 * channel counts do not match, or the BN is never called.
+
+A TorchScript module (``torch.jit.script``) is refused with a ``TypeError``: its code is compiled, so no
+module can be replaced in it. Fold the eager model, then script the folded one.
 
 Accepted layers: ``nn.Conv1d/2d/3d`` (any ``groups``, hence depthwise; any
 ``padding_mode``), ``nn.ConvTranspose1d/2d/3d`` (weight layout
@@ -93,13 +100,13 @@ float32 the folded model matches the unfolded eval model to about 1e-6.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .layers import BATCH_NORM_TYPES, is_batchnorm
-from .variants import BatchLayerNorm
+from .layers import BATCH_NORM_TYPES, bn_layers, is_batchnorm
 
 __all__ = [
     "FoldError",
@@ -108,6 +115,11 @@ __all__ = [
     "fold_batchnorm",
     "is_batchnorm",
 ]
+
+# The modules whose BN classes' forward is BN (Algorithm 2 in eval mode); a subclass defined elsewhere that
+# overrides forward may compute anything.
+_BN_MODULES = {"torch.nn.modules.batchnorm", "bnlib.modules", "bnlib.distributed", "bnlib.renorm", "bnlib.ghost",
+               "bnlib.batch_layer_norm"}
 
 # Layers we know how to fold into, identified by their *forward* function so that
 # subclasses with a different forward (weight standardization, QAT, ...) are refused.
@@ -155,8 +167,8 @@ class LinearFoldGuard(nn.Module):
 # --------------------------------------------------------------------------- helpers
 
 def count_batchnorms(model: nn.Module) -> int:
-    """Number of distinct BatchNorm modules in ``model`` (including itself)."""
-    return sum(1 for m in model.modules() if is_batchnorm(m))
+    """Number of distinct BatchNorm modules in ``model`` (including itself): ``len(bn_layers(model))``."""
+    return len(bn_layers(model))
 
 
 def _name(qualname: str) -> str:
@@ -167,7 +179,7 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _layer_problem(layer: nn.Module) -> str | None:
+def _layer_problem(layer: Any) -> str | None:
     if not isinstance(layer, _FOLDABLE_TYPES):
         return f"its input comes from a {type(layer).__name__}, not a Conv/ConvTranspose/Linear"
     if type(layer).forward not in _FOLDABLE_FORWARDS:
@@ -179,16 +191,20 @@ def _layer_problem(layer: nn.Module) -> str | None:
     return None
 
 
-def _bn_problem(bn: nn.Module) -> str | None:
+def _bn_problem(bn: Any) -> str | None:
     if not getattr(bn, "track_running_stats", False) or bn.running_mean is None \
             or bn.running_var is None:
         return ("track_running_stats=False: it normalizes with batch statistics "
                 "even in eval mode, so it is not an affine map")
     if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
         return "it is uninitialized (lazy)"
-    if isinstance(bn, BatchLayerNorm):
-        return ("it is a BatchLayerNorm: its per-example (layer-norm) half makes the eval-mode output "
-                "depend on each example, so it is not an affine map")
+    if not getattr(bn, "affine_in_eval", True):
+        return (f"it is a {type(bn).__name__}, whose eval-mode output depends on each example (not only on its "
+                "channel), so it is not an affine map")
+    owner = next(cls for cls in type(bn).__mro__ if "forward" in cls.__dict__)
+    if owner.__module__ not in _BN_MODULES:
+        return (f"its class {type(bn).__name__} overrides forward() (in {owner.__module__}.{owner.__qualname__}), "
+                "so its eval-mode output need not be BatchNorm's affine map")
     var = bn.running_var.detach()
     if not bool(torch.isfinite(var).all()) or bool((var < 0).any()) or not bool(torch.isfinite(bn.running_mean).all()):
         return ("its running_var/running_mean holds NaN, Inf or negative values: folding would give "
@@ -198,23 +214,23 @@ def _bn_problem(bn: nn.Module) -> str | None:
     return None
 
 
-def _out_channels(layer: nn.Module) -> int:
+def _out_channels(layer: Any) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 @torch.no_grad()
-def _fold_pair(layer: nn.Module, bn: nn.Module) -> None:
+def _fold_pair(layer: Any, bn: Any) -> None:
     """Fold eval-mode ``bn`` into ``layer`` in place (float64 math)."""
     w = layer.weight
     dt = torch.float64
     var = bn.running_var.to(dt)
     mean = bn.running_mean.to(dt)
     scale = torch.rsqrt(var + bn.eps)
-    shift = torch.zeros_like(mean)
+    beta = torch.zeros_like(mean)
     if bn.affine and bn.weight is not None:
         scale = scale * bn.weight.to(dt)
     if bn.affine and bn.bias is not None:
-        shift = bn.bias.to(dt)
+        beta = bn.bias.to(dt)
 
     w64 = w.to(dt)
     k = w.dim() - 2  # number of kernel dims (0 for Linear)
@@ -230,7 +246,7 @@ def _fold_pair(layer: nn.Module, bn: nn.Module) -> None:
         w_new = w64 * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
     b = layer.bias.to(dt) if layer.bias is not None else torch.zeros_like(mean)
-    b_new = (b - mean) * scale + shift
+    b_new = (b - mean) * scale + beta
 
     # New Parameter objects (not in-place): a weight tied to another module is untied
     # rather than silently changing that other module.
@@ -282,13 +298,14 @@ def _pairs_fx(model: nn.Module, names: dict[int, str]):
                                or src.op != "call_module"):
             what = "its input" if src is None else f"its input ({getattr(src, 'name', src)})"
             reason = f"{what} is not the output of a Conv/ConvTranspose/Linear module"
-        layer = None
+        layer: Any = None
         if reason is None:
-            layer = model.get_submodule(src.target)
+            assert isinstance(src, fx.Node)
+            layer = model.get_submodule(str(src.target))
             reason = _layer_problem(layer)
         if reason is None and calls[id(layer)] != 1:
             reason = f"the preceding layer {names[id(layer)]!r} is called {calls[id(layer)]} times"
-        if reason is None and len(src.users) != 1:
+        if reason is None and isinstance(src, fx.Node) and len(src.users) != 1:
             reason = (f"the output of the preceding layer {names[id(layer)]!r} is also "
                       f"used elsewhere ({len(src.users)} users)")
         if reason is None and _out_channels(layer) != bn.num_features:
@@ -336,8 +353,10 @@ def _pairs_sequential(model: nn.Module, names: dict[int, str], why: str):
             if id(m) not in found:
                 skipped.append((names[id(m)], "cannot tell what it follows: it is not directly "
                                 f"after a layer in an nn.Sequential ({why})"))
-            elif found[id(m)] is not None:
-                skipped.append((names[id(m)], found[id(m)]))
+            else:
+                reason = found[id(m)]
+                if reason is not None:
+                    skipped.append((names[id(m)], reason))
     return pairs, skipped
 
 
@@ -348,7 +367,7 @@ def _bn_input_dims(model: nn.Module, example_input) -> dict[int, tuple[int, ...]
     def record(module, args):
         shapes.setdefault(id(module), tuple(args[0].shape))
 
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if is_batchnorm(m)]
+    handles = [m.register_forward_pre_hook(record) for m in bn_layers(model).values()]
     try:
         with torch.no_grad():
             model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
@@ -391,8 +410,12 @@ def fold_batchnorm(model: nn.Module, strict: bool = True, method: str = "auto",
     """
     if method not in ("auto", "fx", "sequential"):
         raise ValueError(f"method must be 'auto', 'fx' or 'sequential', got {method!r}")
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        raise TypeError(f"fold_batchnorm() cannot fold a TorchScript module ({type(model).__name__}): its code is "
+                        "compiled, so no layer can be replaced in it. Fold the eager model, then script the result: "
+                        "torch.jit.script(fold_batchnorm(model))")
     folded = copy.deepcopy(model).eval()
-    names = {}
+    names: dict[int, str] = {}
     for qn, m in folded.named_modules():  # first (canonical) name of every module
         names.setdefault(id(m), _name(qn))
 

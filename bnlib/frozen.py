@@ -35,11 +35,13 @@ for it): Precise BN (:mod:`bnlib.running_stats`) leaves its statistics alone and
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from .core import check_size
 from .layers import is_batchnorm
-from .variants import BatchLayerNorm
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm"]
 
@@ -60,14 +62,18 @@ class FrozenBatchNorm(nn.Module):
     the forward pass, in either mode. The forward pass is the same in ``train()`` and ``eval()``.
     """
 
-    _dims: tuple[int, ...] = ()  # allowed input dimensions; empty: any with at least 2
+    input_dims: tuple[int, ...] = ()  # allowed input dimensions; empty: any with at least 2
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
     _layout = "(N, C, *)"
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, train_affine: bool = False,
                  device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"expected num_features to be a positive int, got {num_features!r}")
+        num_features = check_size("num_features", num_features)
         if not eps >= 0:
             raise ValueError(f"expected eps >= 0, got {eps!r}")
         factory = {"device": device, "dtype": dtype}
@@ -88,19 +94,20 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module, train_affine: bool = False) -> FrozenBatchNorm:
+    def from_batchnorm(cls, bn: Any, train_affine: bool = False) -> FrozenBatchNorm:
         """A frozen copy of the BN layer ``bn``: its eps, γ, β and running statistics (copied, not shared).
 
         Raises:
             ValueError: ``bn`` keeps no running statistics (``track_running_stats=False``) or is a
-                :class:`bnlib.variants.BatchLayerNorm`, whose eval-mode output is not an affine map.
+                layer whose eval-mode output is not an affine map (``affine_in_eval`` False, e.g.
+                :class:`bnlib.BatchLayerNorm`).
         """
         if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
             raise ValueError(f"cannot freeze {type(bn).__name__}: it keeps no running statistics "
                              "(track_running_stats=False), so there is nothing to freeze")
-        if isinstance(bn, BatchLayerNorm):
-            raise ValueError("cannot freeze BatchLayerNorm: its per-example (layer-norm) half depends on each "
-                             "example, so its eval-mode output is not a fixed affine map")
+        if not getattr(bn, "affine_in_eval", True):
+            raise ValueError(f"cannot freeze {type(bn).__name__}: its eval-mode output depends on each example "
+                             "(not only on its channel), so it is not a fixed affine map")
         affine = bn.weight is not None
         ref = bn.running_mean
         out = cls(bn.num_features, bn.eps, affine=affine, train_affine=train_affine, device=ref.device,
@@ -110,15 +117,15 @@ class FrozenBatchNorm(nn.Module):
             out.running_var.copy_(bn.running_var)
             if bn.num_batches_tracked is not None:
                 out.num_batches_tracked.copy_(bn.num_batches_tracked)
-            if affine:
+            if out.weight is not None:
                 out.weight.copy_(bn.weight)
-                if bn.bias is not None:
-                    out.bias.copy_(bn.bias)
+            if out.bias is not None:
+                out.bias.copy_(bn.bias)
         out.train(bn.training)
         return out
 
     def _check_input(self, input: Tensor) -> None:
-        if input.dim() < 2 or (self._dims and input.dim() not in self._dims):
+        if input.dim() < 2 or (self.input_dims and input.dim() not in self.input_dims):
             raise ValueError(f"{type(self).__name__} expected {self._layout} input, got {input.dim()}D input "
                              f"of shape {tuple(input.shape)}")
         if input.shape[1] != self.num_features:
@@ -130,16 +137,16 @@ class FrozenBatchNorm(nn.Module):
         scale = (self.running_var + self.eps).rsqrt()
         if self.weight is not None:
             scale = scale * self.weight
-        shift = -self.running_mean * scale
+        offset = -self.running_mean * scale
         if self.bias is not None:
-            shift = shift + self.bias
-        return scale, shift
+            offset = offset + self.bias
+        return scale, offset
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        scale, shift = self.scale_and_shift()
+        scale, offset = self.scale_and_shift()
         shape = (1, -1) + (1,) * (input.dim() - 2)
-        return input * scale.view(shape).to(input.dtype) + shift.view(shape).to(input.dtype)
+        return input * scale.view(shape).to(input.dtype) + offset.view(shape).to(input.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
@@ -149,31 +156,37 @@ class FrozenBatchNorm(nn.Module):
 class FrozenBatchNorm1d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input, the frozen ``BatchNorm1d``."""
 
-    _dims = (2, 3)
+    input_dims = (2, 3)
     _layout = "2D (N, C) or 3D (N, C, L)"
 
 
 class FrozenBatchNorm2d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for ``(N, C, H, W)`` input, the frozen ``BatchNorm2d``."""
 
-    _dims = (4,)
+    input_dims = (4,)
     _layout = "4D (N, C, H, W)"
 
 
 class FrozenBatchNorm3d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for ``(N, C, D, H, W)`` input, the frozen ``BatchNorm3d``."""
 
-    _dims = (5,)
+    input_dims = (5,)
     _layout = "5D (N, C, D, H, W)"
 
 
-_BY_SUFFIX = {"1d": FrozenBatchNorm1d, "2d": FrozenBatchNorm2d, "3d": FrozenBatchNorm3d}
+_FROZEN_BY_DIMS: dict[tuple[int, ...], type[FrozenBatchNorm]] = {
+    (2, 3): FrozenBatchNorm1d, (4,): FrozenBatchNorm2d, (5,): FrozenBatchNorm3d}
+_TORCH_DIMS = ((nn.BatchNorm1d, (2, 3)), (nn.BatchNorm2d, (4,)), (nn.BatchNorm3d, (5,)),
+               (nn.LazyBatchNorm1d, (2, 3)), (nn.LazyBatchNorm2d, (4,)), (nn.LazyBatchNorm3d, (5,)))
 
 
 def _frozen_class(bn: nn.Module) -> type[FrozenBatchNorm]:
-    """The frozen class matching ``bn``'s input layout (by its class name: ``BatchNorm2d``,
-    ``GhostBatchNorm2d``, ``LazyBatchNorm2d``, ...), else the dimension-agnostic one (e.g. SyncBatchNorm)."""
-    return _BY_SUFFIX.get(type(bn).__name__[-2:].lower(), FrozenBatchNorm)
+    """The frozen class for ``bn``'s input layout: from the class attribute ``input_dims`` of bnlib's layers or the
+    torch.nn class; the dimension-agnostic one for any other (e.g. SyncBatchNorm)."""
+    dims = getattr(bn, "input_dims", None)
+    if dims is None:
+        dims = next((d for cls, d in _TORCH_DIMS if isinstance(bn, cls)), ())
+    return _FROZEN_BY_DIMS.get(tuple(dims), FrozenBatchNorm)
 
 
 def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
@@ -200,7 +213,7 @@ def freeze_batchnorm(model: nn.Module, train_affine: bool = False) -> nn.Module:
 
     Raises:
         ValueError: a BN layer without running statistics (``track_running_stats=False``), or a
-            :class:`bnlib.variants.BatchLayerNorm` (see :meth:`FrozenBatchNorm.from_batchnorm`).
+            layer whose eval-mode output is not an affine map (see :meth:`FrozenBatchNorm.from_batchnorm`).
     """
     if is_batchnorm(model):
         return _frozen_class(model).from_batchnorm(model, train_affine)

@@ -32,15 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional as bnf
-from .modules import _BatchNorm
+from .closed_form import input_gradient
+from .core import channel_shape, check_batch, reduce_dims, shape_str, stat_dtype, update_running_stats
+from .modules import BatchNormBase
 
 __all__ = ["InPlaceABN"]
-
-
-def _dims_and_shape(x: Tensor) -> tuple[list[int], list[int]]:
-    """The dimensions a channel's statistics reduce over, and the shape ``(1, C, 1, ...)`` of a channel vector."""
-    return [0] + list(range(2, x.dim())), [1, x.shape[1]] + [1] * (x.dim() - 2)
 
 
 class InPlaceABNFunction(torch.autograd.Function):
@@ -48,8 +44,8 @@ class InPlaceABNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, slope: float, keep_xhat: bool):
-        dims, shape = _dims_and_shape(x)
-        xs = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+        dims, shape = reduce_dims(x), channel_shape(x)
+        xs = x.to(stat_dtype(x))                                       # float32 arithmetic for half inputs
         var, mean = torch.var_mean(xs, dim=dims, correction=0)        # μ_B, σ²_B (biased): Algorithm 1
         inv_std = torch.rsqrt(var + eps)                               # 1/√(σ²_B + ε)
         xhat = (xs - mean.view(shape)) * inv_std.view(shape)           # x̂ = (x − μ_B)/√(σ²_B + ε)
@@ -76,14 +72,14 @@ class InPlaceABNFunction(torch.autograd.Function):
             y = torch.where(positive, z, z / s)                        # y = z (z ≥ 0), z/s (z < 0)
             xhat = (y - bias.view(shape)) / weight.view(shape)         # x̂ = (y − β)/γ
         m = g.numel() // g.shape[1]
-        sum_g = g.sum(dims)                                            # Σ ∂L/∂y  = ∂L/∂β
-        sum_gx = (g * xhat).sum(dims)                                  # Σ ∂L/∂y·x̂ = ∂L/∂γ
-        # BN's closed form: ∂L/∂x = γ/√(σ²_B+ε) · (g − Σg/m − x̂·Σ(g x̂)/m)
-        gx = (weight * inv_std).view(shape) * (g - (sum_g / m).view(shape) - xhat * (sum_gx / m).view(shape))
-        return gx.to(gz.dtype), sum_gx.to(weight.dtype), sum_g.to(bias.dtype), None, None, None
+        sum_g = g.sum(dims, keepdim=True)                              # Σ ∂L/∂y  = ∂L/∂β
+        sum_gx = (g * xhat).sum(dims, keepdim=True)                    # Σ ∂L/∂y·x̂ = ∂L/∂γ
+        # BN's closed form (the boxed formula): ∂L/∂x = γ/√(σ²_B+ε) · (g − Σg/m − x̂·Σ(g x̂)/m)
+        gx = input_gradient(g, xhat, (weight * inv_std).view(shape), sum_g, sum_gx, m)
+        return gx.to(gz.dtype), sum_gx.view(-1).to(weight.dtype), sum_g.view(-1).to(bias.dtype), None, None, None
 
 
-class InPlaceABN(_BatchNorm):
+class InPlaceABN(BatchNormBase):
     """BN followed by a leaky ReLU, keeping only the output for the backward pass (In-Place ABN).
 
     Equal to ``F.leaky_relu(nn.BatchNormNd(num_features, eps=eps, momentum=momentum)(x), negative_slope)`` in
@@ -98,6 +94,8 @@ class InPlaceABN(_BatchNorm):
         momentum: weight of the newest batch in the running averages (``None``: cumulative). Default 0.1.
         min_abs_gamma: below this |γ| a training step keeps x̂ instead of inverting the affine map. Default 1e-3.
     """
+
+    affine_in_eval = False  # a leaky ReLU follows the affine map: nothing to fold into the layer before
 
     def __init__(self, num_features: int, negative_slope: float = 0.01, eps: float = 1e-5,
                  momentum: float | None = 0.1, *, min_abs_gamma: float = 1e-3, device=None, dtype=None) -> None:
@@ -117,7 +115,7 @@ class InPlaceABN(_BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"InPlaceABN expected an (N, C) or (N, C, *spatial) input, got {input.dim()}D input "
-                             f"of shape {bnf.shape_str(input)}")
+                             f"of shape {shape_str(input)}")
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or input.numel() == 0:
@@ -125,14 +123,15 @@ class InPlaceABN(_BatchNorm):
             return F.leaky_relu(super().forward(input), self.negative_slope)
         self._check_input_dim(input)
         self._check_num_channels(input)
-        bnf._check_batch(input, True, self.eps)
-        momentum = self._momentum_for_this_batch()
+        check_batch(input, True, self.eps)
+        self._count_batch()
+        assert self.weight is not None and self.bias is not None  # always affine (see __init__)
         keep = bool((self.weight.detach().abs() < self.min_abs_gamma).any())  # γ too small to invert
         self.last_step_kept_xhat = keep
         z, mean, var = InPlaceABNFunction.apply(input, self.weight, self.bias, self.eps, self.negative_slope, keep)
         m = input.numel() // input.shape[1]
         with torch.no_grad():
-            bnf._update_running_stats(self.running_mean, self.running_var, mean, var, m, momentum)
+            update_running_stats(self.running_mean, self.running_var, mean, var, m, self._batch_weight())
         return z
 
     def extra_repr(self) -> str:

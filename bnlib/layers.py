@@ -8,7 +8,7 @@ its input per channel. Those are the layers whose statistics Precise BN recomput
 that the lab kit's parameter studies count as "the BN layers" (:mod:`bnlib.lab.params`).
 
 :data:`BATCH_NORM_TYPES` is torch.nn's ``_BatchNorm`` (``BatchNorm1d/2d/3d``, ``LazyBatchNorm*d``,
-``SyncBatchNorm``) and bnlib's :class:`bnlib.modules._BatchNorm`, which every bnlib batch-statistics layer
+``SyncBatchNorm``) and bnlib's :class:`bnlib.modules.BatchNormBase`, which every bnlib batch-statistics layer
 subclasses: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, ``BatchRenorm1d/2d``, ``GhostBatchNorm1d/2d`` and
 ``BatchLayerNorm``. This is the same test as fvcore's ``precise_bn`` (one tuple of base classes).
 
@@ -24,8 +24,9 @@ Deliberately *not* included:
 
 **Batch Layer Normalization** is included: its batch half is Batch Normalization and its buffers have
 BatchNorm's meaning, so Precise BN and the parameter studies treat it correctly. Its evaluation output is
-not an affine map of the input (the per-example half depends on the example), so :mod:`bnlib.fold` refuses
-to fold it by name; "is a batch-statistics layer" does not mean "foldable".
+not an affine map of the input (the per-example half depends on the example): its class attribute
+``affine_in_eval`` is False, and :mod:`bnlib.fold` and :mod:`bnlib.frozen` refuse it; "is a batch-statistics
+layer" does not mean "foldable".
 
 Two more ideas live here because every part of bnlib needs them, and each is written once:
 
@@ -44,12 +45,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .modules import _BatchNorm
+from .modules import BatchNormBase
 
 __all__ = ["BATCH_NORM_TYPES", "bn_layers", "is_batchnorm", "preserved_state"]
 
 #: Base classes of every batch-statistics layer, torch.nn's and bnlib's (see the module docstring).
-BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, _BatchNorm)
+BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, BatchNormBase)
 
 
 def is_batchnorm(module: nn.Module) -> bool:

@@ -25,10 +25,15 @@ inside the recurrence) or ``(N, T, C)`` inputs of all steps at once (the input t
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
-from . import functional as bnf
+from .core import update_running_stats
+from .functional import batch_norm_core
+from .layers import preserved_state
+from .running_stats import ChannelMoments
 
 __all__ = ["StepBatchNorm", "recompute_step_stats"]
 
@@ -62,6 +67,10 @@ class StepBatchNorm(nn.Module):
         bias: learn a β. Default True; Cooijmans et al. use none (``bias=False``) because the RNN's
             own bias follows the sum of the two normalized terms.
     """
+
+    running_mean: Tensor
+    running_var: Tensor
+    steps_tracked: Tensor
 
     def __init__(self, num_features: int, max_steps: int, masked: bool = False, eps: float = 1e-5,
                  momentum: float = 0.1, gamma_init: float = 0.1, bias: bool = True) -> None:
@@ -112,13 +121,12 @@ class StepBatchNorm(nn.Module):
             # (the masked and the plain case give the same numbers when no row is padded)
             with torch.no_grad():
                 self.steps_tracked[t] += 1
-            return bnf._batch_norm(x, self.running_mean[t], self.running_var[t], self.weight, self.bias, True,
+            return batch_norm_core(x, self.running_mean[t], self.running_var[t], self.weight, self.bias, True,
                                    self.momentum, self.eps)
         if self.training and t < self.max_steps and n >= 2:
             var, mean = torch.var_mean(rows, 0, correction=0)  # μ_t, σ²_t over the real rows
             with torch.no_grad():
-                self.running_mean[t].lerp_(mean.detach(), self.momentum)
-                self.running_var[t].lerp_(var.detach() * (n / (n - 1)), self.momentum)
+                update_running_stats(self.running_mean[t], self.running_var[t], mean, var, n, self.momentum)
                 self.steps_tracked[t] += 1
         else:
             s = self.stat_step(t)
@@ -136,7 +144,7 @@ class StepBatchNorm(nn.Module):
             # and the γ, β of feature c, in one call of bnlib's closed form
             with torch.no_grad():
                 self.steps_tracked[:steps] += 1
-            y = bnf._batch_norm(x.reshape(n, steps * c), self.running_mean[:steps].view(-1),
+            y = batch_norm_core(x.reshape(n, steps * c), self.running_mean[:steps].view(-1),
                                 self.running_var[:steps].view(-1), self.weight.repeat(steps),
                                 None if self.bias is None else self.bias.repeat(steps), True, self.momentum, self.eps)
             return y.view(n, steps, c)
@@ -151,14 +159,12 @@ class StepBatchNorm(nn.Module):
         mean = (x * w).sum(0) / count.clamp_min(1)  # μ_t
         var = (((x - mean) ** 2) * w).sum(0) / count.clamp_min(1)  # σ²_t (biased)
         use = (count[:, 0] >= 2) & (torch.arange(steps, device=x.device) < self.max_steps)  # (T,)
-        with torch.no_grad():  # steps that have usable rows move their running statistics
+        with torch.no_grad():  # steps that have usable rows move their running statistics (the others: weight 0)
             k = min(steps, self.max_steps)
-            upd = use[:k, None]
-            bessel = count[:k] / (count[:k] - 1).clamp_min(1)
-            new_mean = torch.lerp(self.running_mean[:k], mean[:k].detach(), self.momentum)
-            new_var = torch.lerp(self.running_var[:k], (var[:k] * bessel).detach(), self.momentum)
-            self.running_mean[:k] = torch.where(upd, new_mean, self.running_mean[:k])
-            self.running_var[:k] = torch.where(upd, new_var, self.running_var[:k])
+            weight = use[:k, None].to(x.dtype) * self.momentum  # (k, 1): 0 for a step without 2 usable rows
+            counts = count[:k].clamp_min(2)  # (k, 1) values per step (the clamp only for steps of weight 0)
+            update_running_stats(self.running_mean[:k], self.running_var[:k], mean[:k], var[:k],
+                                 cast(int, counts), cast(float, weight))  # per-step tensors (see its docstring)
             self.steps_tracked[:k] += use[:k].long()
         mean = torch.where(use[:, None], mean, run_mean)
         var = torch.where(use[:, None], var, run_var)
@@ -175,11 +181,14 @@ def recompute_step_stats(model: nn.Module, x: Tensor, lengths: Tensor | None = N
 
     The moving averages of a recurrent BN are estimated on hidden states that earlier steps produced
     with *batch* statistics, while evaluation runs every step with population statistics; over many
-    steps the two drift apart. As Precise BN does for feed-forward networks (Wu & Johnson 2021),
-    this runs the frozen model in training mode over consecutive batches of ``batch_size`` rows of
-    ``x`` (with ``lengths`` if given) and sets each step's ``running_mean``/``running_var`` to the
-    average of the batch means and unbiased variances. Larger batches give statistics closer to
-    the population's at every step. Parameters, momenta and train/eval flags are left as they were.
+    steps the two drift apart. As Precise BN does for feed-forward networks (Wu & Johnson 2021,
+    :func:`bnlib.running_stats.recompute_bn_stats`), this runs the frozen model in training mode over consecutive
+    batches of ``batch_size`` rows of ``x`` (with ``lengths`` if given; a last, shorter batch is left out) and
+    pools, for every layer and step, the values that step normalizes (its real rows when the layer is
+    ``masked``) with :class:`bnlib.running_stats.ChannelMoments`: ``running_mean[t]`` and ``running_var[t]``
+    become their exact mean and unbiased variance, ``steps_tracked[t]`` the number of batches that reached
+    step ``t``; a step no batch reached gets mean 0, variance 1 and count 0. Parameters, momenta, every other
+    buffer and the train/eval flags are left as they were.
 
     Returns:
         int: the number of batches used.
@@ -187,27 +196,47 @@ def recompute_step_stats(model: nn.Module, x: Tensor, lengths: Tensor | None = N
     layers = [m for m in model.modules() if isinstance(m, StepBatchNorm)]
     if len(x) < batch_size:
         raise ValueError(f"recompute_step_stats needs at least batch_size={batch_size} rows, got {len(x)}")
-    flags = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in layers]
+    moments = {m: [ChannelMoments() for _ in range(m.max_steps)] for m in layers}
+    hooks = [m.register_forward_pre_hook(_step_recorder(moments[m]), with_kwargs=True) for m in layers]
     dev = next(iter(model.parameters())).device
-    for m in layers:
-        m.running_mean.zero_()
-        m.running_var.fill_(1.0)
-        m.steps_tracked.zero_()
-    model.train()
     k = 0
     try:
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            for m in layers:
-                m.momentum = 1.0 / (k + 1)  # cumulative average over the batches
-            parts = (x[i:i + batch_size].to(dev),)
-            if lengths is not None:
-                parts += (lengths[i:i + batch_size].to(dev),)
-            model(*parts)
-            k += 1
+        with preserved_state(model):  # modes and buffers (running statistics, steps_tracked) as they were
+            model.train()
+            for i in range(0, len(x) - batch_size + 1, batch_size):
+                parts: tuple[Tensor, ...] = (x[i:i + batch_size].to(dev),)
+                if lengths is not None:
+                    parts += (lengths[i:i + batch_size].to(dev),)
+                model(*parts)
+                k += 1
     finally:
-        for m, mom in momenta:
-            m.momentum = mom
-        for m, mode in flags:
-            m.training = mode
+        for h in hooks:
+            h.remove()
+    for m in layers:
+        for t, s in enumerate(moments[m]):
+            seen = s.mean is not None and s.n >= 2
+            m.running_mean[t] = s.mean.to(m.running_mean.dtype) if s.mean is not None and seen else 0.0
+            m.running_var[t] = s.var(unbiased=True).to(m.running_var.dtype) if seen else 1.0
+            m.steps_tracked[t] = s.batches if seen else 0
     return k
+
+
+def _step_recorder(moments: list[ChannelMoments]):
+    """A forward pre-hook that adds what each step of a :class:`StepBatchNorm` normalizes to ``moments[t]``."""
+    def add(stats: ChannelMoments, rows: Tensor) -> None:
+        if len(rows):
+            stats.update(rows)
+
+    def hook(module: StepBatchNorm, args: tuple, kwargs: dict) -> None:
+        x = args[0]
+        t = args[1] if len(args) > 1 else kwargs.get("t")
+        mask = args[2] if len(args) > 2 else kwargs.get("mask")
+        if not module.masked:
+            mask = None
+        if t is not None:  # one step, (N, C)
+            if t < module.max_steps:
+                add(moments[t], x if mask is None else x[mask])
+            return
+        for s in range(min(x.shape[1], module.max_steps)):  # every step, (N, T, C)
+            add(moments[s], x[:, s] if mask is None else x[:, s][mask[:, s]])
+    return hook

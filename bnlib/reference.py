@@ -60,7 +60,8 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
     axes, shape = _axes_and_shape(x, gamma)
     m = x.size // x.shape[1]
     if m < 2:
-        raise ValueError(f"expected more than 1 value per channel to compute batch statistics, got x of shape {x.shape}")
+        raise ValueError(
+            f"expected more than 1 value per channel to compute batch statistics, got x of shape {x.shape}")
 
     mu = x.mean(axis=axes, keepdims=True)  # μ_B = (1/m) Σ x_i
     xmu = x - mu  # x_i − μ_B

@@ -23,11 +23,13 @@ and they disagree on what "momentum" means. The chapter *The algorithm*
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .layers import is_batchnorm
+from .core import reduce_dims, update_running_stats
+from .layers import bn_layers, preserved_state
 
 __all__ = [
     "CONVENTIONS",
@@ -108,16 +110,18 @@ def ema_update(running: Tensor, batch: Tensor, momentum: float, convention: str 
 
 def _batch_moments(x: Tensor) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and biased variance of ``x`` (N, C, *) (two-pass), and the count m."""
-    dims = [0] + list(range(2, x.dim()))
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    var, mean = torch.var_mean(x, dim=reduce_dims(x), correction=0)
     return mean, var, x.numel() // x.shape[1]
 
 
 def torch_style_update(running_mean: Tensor, running_var: Tensor, x: Tensor, momentum: float = 0.1) -> None:
-    """PyTorch's rule: ``r = (1 - m) r + m * batch`` with the *unbiased* batch variance; in place."""
+    """PyTorch's rule: ``r = (1 - m) r + m * batch`` with the *unbiased* batch variance; in place.
+
+    The update bnlib's layers make (:func:`bnlib.core.update_running_stats`), from the batch ``x``.
+    """
     mean, var, m = _batch_moments(x)
-    ema_update(running_mean, mean, momentum, "torch")
-    ema_update(running_var, var * (m / (m - 1)), momentum, "torch")
+    with torch.no_grad():
+        update_running_stats(running_mean, running_var, mean, var, m, float(momentum))
 
 
 def keras_style_update(moving_mean: Tensor, moving_var: Tensor, x: Tensor, momentum: float = 0.99) -> None:
@@ -133,7 +137,8 @@ def keras_style_update(moving_mean: Tensor, moving_var: Tensor, x: Tensor, momen
 class ChannelMoments:
     """Exact per-channel statistics of all the values seen, one batch at a time.
 
-    Keeps, per channel, the count ``n``, the mean and ``M2`` = Σ (x − mean)², in float64. Each batch
+    Keeps, per channel, the count ``n``, the mean and ``M2`` = Σ (x − mean)², in float64 (and the number of
+    batches added, ``batches``). Each batch
     is reduced on its own (two-pass) and merged with Chan, Golub & LeVeque's pairwise rule::
 
         δ = mean_b − mean_a,  n = n_a + n_b,
@@ -144,6 +149,7 @@ class ChannelMoments:
 
     def __init__(self) -> None:
         self.n = 0
+        self.batches = 0  # number of batches added
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
@@ -152,7 +158,8 @@ class ChannelMoments:
         x = x.detach().to(torch.float64)
         mean_b, var_b, n_b = _batch_moments(x)
         m2_b = var_b * n_b
-        if self.mean is None:
+        self.batches += 1
+        if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return self
         n_a, n = self.n, self.n + n_b
@@ -164,15 +171,14 @@ class ChannelMoments:
 
     def var(self, unbiased: bool = True) -> Tensor:
         """The variance per channel: ``M2 / (n − 1)`` (unbiased, default) or ``M2 / n``."""
-        if self.mean is None:
+        if self.mean is None or self.m2 is None:
             raise ValueError("no data seen yet")
         return self.m2 / (self.n - 1 if unbiased else self.n)
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every batch-norm layer of ``model`` (torch.nn's and bnlib's) that keeps running statistics."""
-    return {name: m for name, m in model.named_modules()
-            if is_batchnorm(m) and getattr(m, "running_mean", None) is not None}
+    """Alias of ``bnlib.layers.bn_layers(model, tracking=True)``, kept for older callers."""
+    return bn_layers(model, tracking=True)
 
 
 def _batches(x, batch_size: int, num_batches: int | None) -> Iterable[Tensor]:
@@ -219,39 +225,39 @@ def recompute_bn_stats(model: nn.Module, x: Tensor | Iterable, batch_size: int =
     Returns:
         dict: layer name -> :class:`ChannelMoments` of that layer's input.
     """
-    layers = batchnorm_layers(model)
+    layers: dict[str, Any] = bn_layers(model, tracking=True)  # BatchNorm layers: their attributes are BatchNorm's
     if not layers:
         return {}
-    flags = {m: m.training for m in model.modules()}
-    saved = {m: (m.momentum, m.num_batches_tracked.clone()) for m in layers.values()}
     moments = {name: ChannelMoments() for name in layers}
     hooks = [m.register_forward_pre_hook(_recorder(moments[name])) for name, m in layers.items()]
+    momenta = {m: m.momentum for m in layers.values()}
     dev = next(iter(layers.values())).running_mean.device
     try:
-        model.eval()
-        for m in layers.values():
-            m.train()
-            m.momentum = 0.0  # batch statistics, but leave the running buffers alone
-        seen = 0
-        for xb in _batches(x, batch_size, num_batches):
-            model(xb.to(dev))
-            seen += 1
-        if seen == 0:
-            raise ValueError("recompute_bn_stats() got no batches")
-        for name, m in layers.items():
-            s = moments[name]
-            if s.n < 2:
-                raise ValueError(f"layer {name!r} saw {s.n} value(s) per channel; need at least 2")
-            m.running_mean.copy_(s.mean.to(m.running_mean.dtype))
-            m.running_var.copy_(s.var(unbiased=True).to(m.running_var.dtype))
+        # Batch statistics in the BN layers, every other module in eval mode; whatever the passes do to the
+        # buffers (num_batches_tracked) and to the modes is undone on leaving the block. Momentum 0 keeps the
+        # running statistics fixed during the passes (Batch Renorm's r and d read them).
+        with preserved_state(model):
+            model.eval()
+            for m in layers.values():
+                m.train()
+                m.momentum = 0.0
+            seen = 0
+            for xb in _batches(x, batch_size, num_batches):
+                model(xb.to(dev))
+                seen += 1
     finally:
         for h in hooks:
             h.remove()
-        for m, (mom, nbt) in saved.items():
-            m.momentum = mom
-            m.num_batches_tracked.copy_(nbt)
-        for m, flag in flags.items():
-            m.training = flag
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+    if seen == 0:
+        raise ValueError("recompute_bn_stats() got no batches")
+    for name, m in layers.items():
+        s = moments[name]
+        if s.n < 2 or s.mean is None:
+            raise ValueError(f"layer {name!r} saw {s.n} value(s) per channel; need at least 2")
+        m.running_mean.copy_(s.mean.to(m.running_mean.dtype))
+        m.running_var.copy_(s.var(unbiased=True).to(m.running_var.dtype))
     return moments
 
 

@@ -56,6 +56,7 @@ def forward_backward(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
     return y.detach(), xi.grad, [p.grad for p in layer.parameters()]
 
 
+@pytest.mark.recent_torch
 @pytest.mark.parametrize("flags", FLAGS, ids=str)
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0), (0, 3, 2, 2), (2, 3, 0, 4), (0, 3, 1, 2, 2)])
 def test_empty_batch_in_training_matches_torch(shape, flags):
@@ -87,6 +88,7 @@ def test_empty_batch_functional_leaves_running_statistics_untouched():
     assert torch.equal(ours_mean, mean) and torch.equal(ours_var, var)
 
 
+@pytest.mark.recent_torch
 @pytest.mark.parametrize("eps", [0.0, -1e-5, -1.0])
 @pytest.mark.parametrize("training", [True, False])
 def test_eps_is_checked_like_torch(eps, training):
@@ -109,6 +111,7 @@ def test_eps_is_checked_like_torch(eps, training):
         torch.testing.assert_close(ours(x), expected)
 
 
+@pytest.mark.recent_torch
 @pytest.mark.parametrize("flags", FLAGS, ids=str)
 @pytest.mark.parametrize("ndim", [2, 3, 4, 5])
 def test_torchscript_module_matches_eager(ndim, flags):

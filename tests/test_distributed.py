@@ -253,6 +253,7 @@ def ranks():
 # Tests on the spawned results
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.recent_torch
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_sync_equals_batchnorm_on_concatenated_batch(ranks, name):
     """Outputs, input grads (per rank), parameter grads (summed over ranks), running stats (every rank)."""

@@ -9,6 +9,7 @@ import torch
 import bnlib
 
 
+@pytest.mark.recent_torch
 def test_compile_fullgraph_matches_eager():
     """Inductor on the CPU (needs a C++ compiler) traces BatchNormFunction whole, forward and backward."""
     torch._dynamo.reset()
@@ -31,8 +32,8 @@ def test_compile_fullgraph_matches_eager():
 
 
 # The fast path's layouts and sizes: inputs below 4 MiB keep x − μ for the backward, larger ones work in place
-# (functional._keeps_centred); large buffers come from NumPy's allocator (functional._empty); contiguous maps are
-# reduced row by row (functional._rows), wide (N, C) inputs by a matrix-vector product (functional._columns).
+# (fast._keeps_centred); large buffers come from NumPy's allocator (fast._empty); contiguous maps are
+# reduced row by row (fast._rows), wide (N, C) inputs by a matrix-vector product (fast._columns).
 # Every combination must agree with torch.nn; the thresholds are lowered here so that small tensors take every path.
 LAYOUTS = {
     "small (N, C)": lambda gen: torch.randn(60, 7, generator=gen, dtype=torch.float64),
@@ -45,14 +46,14 @@ LAYOUTS = {
     "wide (N, C)": lambda gen: torch.randn(33, 600, generator=gen, dtype=torch.float64),
     "wide transposed (N, C)": lambda gen: torch.randn(600, 33, generator=gen, dtype=torch.float64).t(),
 }
-PATHS = {"as shipped": {}, "in place, NumPy buffers": {"_KEEP_BYTES": 0, "_HUGE_PAGE_BYTES": 0}}
+PATHS = {"as shipped": {}, "in place, NumPy buffers": {"KEEP_CENTRED_BYTES": 0, "LARGE_BUFFER_BYTES": 0}}
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Run the test with the thresholds of functional as shipped, then with every input "large"."""
+    """Run the test with the thresholds of bnlib.fast as shipped, then with every input "large"."""
     for name, value in PATHS[request.param].items():
-        monkeypatch.setattr(bnlib.functional, name, value)
+        monkeypatch.setattr(bnlib.fast, name, value)
     return request.param
 
 

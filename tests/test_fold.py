@@ -361,7 +361,7 @@ def test_helpers():
 def test_bnlib_batchnorm_detected():
     import bnlib.modules as bm
     bn = bm.BatchNorm2d(3)
-    assert is_batchnorm(bn) and isinstance(bn, bm._BatchNorm)
+    assert is_batchnorm(bn) and isinstance(bn, bm.BatchNormBase)
     assert count_batchnorms(nn.Sequential(nn.Conv2d(3, 3, 1), bn)) == 1
 
 

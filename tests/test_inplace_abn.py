@@ -136,3 +136,12 @@ def test_half_precision_input():
     bn, abn = _pair_and_abn(2)
     x = torch.randn(8, 6, 5, 4).to(torch.bfloat16)
     torch.testing.assert_close(abn(x), F.leaky_relu(bn(x.float()), 0.01).to(torch.bfloat16), atol=2e-2, rtol=2e-2)
+
+
+def test_fold_refuses_it_and_precise_bn_treats_it_as_bn():
+    """Its evaluation output is not an affine map (a leaky ReLU follows), so folding must refuse it; its running
+    statistics mean what BN's mean, so Precise BN recomputes them."""
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), InPlaceABN(6)).eval()
+    with pytest.raises(ValueError, match="InPlaceABN"):
+        bnlib.fold_batchnorm(net)
+    assert list(bnlib.layers.bn_layers(net, tracking=True)) == ["1"]

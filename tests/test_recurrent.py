@@ -1,5 +1,7 @@
 """Tests of bnlib.recurrent: per-time-step Batch Normalization (Cooijmans et al. 2017)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -96,7 +98,7 @@ def test_cooijmans_defaults_and_validation():
         StepBatchNorm(4, max_steps=0)
 
 
-def test_recompute_step_stats_averages_batches_and_restores_state():
+def test_recompute_step_stats_pools_batches_exactly_and_restores_state():
     torch.manual_seed(0)
 
     class Net(nn.Module):
@@ -110,13 +112,49 @@ def test_recompute_step_stats_averages_batches_and_restores_state():
     net = Net().eval()
     x = torch.randn(40, 4, 3) * 2 + 1
     assert recompute_step_stats(net, x, batch_size=10) == 4
-    means = torch.stack([x[i:i + 10].mean(0) for i in range(0, 40, 10)]).mean(0)
-    variances = torch.stack([x[i:i + 10].var(0) for i in range(0, 40, 10)]).mean(0)
-    assert torch.allclose(net.bn.running_mean, means, atol=1e-5)
-    assert torch.allclose(net.bn.running_var, variances, atol=1e-5)
+    # the statistics of all 40 rows of each step, as recompute_bn_stats pools them (not the average of the four
+    # batch variances, which misses the spread of the batch means)
+    torch.testing.assert_close(net.bn.running_mean, x.double().mean(0).float())
+    torch.testing.assert_close(net.bn.running_var, x.double().var(0).float())
+    averaged = torch.stack([x[i:i + 10].var(0) for i in range(0, 40, 10)]).mean(0)
+    assert (net.bn.running_var - averaged).abs().max() > 1e-3
+    assert net.bn.steps_tracked.tolist() == [4, 4, 4, 4]
     assert net.bn.momentum == 0.3 and not net.training
     with pytest.raises(ValueError, match="batch_size"):
         recompute_step_stats(net, x[:5], batch_size=10)
+
+
+def test_recompute_step_stats_pools_only_the_real_rows_of_masked_layers():
+    """Both ways of calling the layer: step by step ((N, C) and t) and all steps at once ((N, T, C))."""
+    torch.manual_seed(1)
+    one, every = StepBatchNorm(2, max_steps=3, masked=True), StepBatchNorm(2, max_steps=3, masked=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.one, self.every = one, every
+
+        def forward(self, x, lengths):
+            mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]  # (N, T): real rows
+            return self.every(self.first(x, mask), mask=mask)
+
+        def first(self, x, mask):
+            return torch.stack([self.one(x[:, t], t, mask[:, t]) for t in range(x.shape[1])], 1)
+
+    x = torch.randn(12, 3, 2) * 3 + 2
+    lengths = torch.tensor([3, 1, 2] * 4)
+    net = Net()
+    mask = torch.arange(3)[None, :] < lengths[:, None]
+    with torch.no_grad():  # what `every` sees in training, batch by batch
+        y_train = torch.cat([copy.deepcopy(net).train().first(x[i:i + 6], mask[i:i + 6]) for i in (0, 6)])
+    assert recompute_step_stats(net.eval(), x, lengths, batch_size=6) == 2
+    for t in range(3):
+        real = lengths > t
+        for layer, inputs in ((one, x), (every, y_train.detach())):
+            values = inputs[:, t][real].double()
+            torch.testing.assert_close(layer.running_mean[t], values.mean(0).float())
+            torch.testing.assert_close(layer.running_var[t], values.var(0).float())
+    assert one.steps_tracked.tolist() == every.steps_tracked.tolist() == [2, 2, 2]
 
 
 def test_masked_and_plain_statistics_agree_exactly_without_padding():

@@ -23,7 +23,8 @@ def _notebook(path: Path, *cells: str) -> Path:
 
 def test_magics_become_pass_at_their_indentation():
     src = "try:\n    import bnlib\nexcept ImportError:\n    %pip install -q bnlib\n!ls\nx = 1  # 100%"
-    assert run_chapters.cell_to_python(src) == "try:\n    import bnlib\nexcept ImportError:\n    pass\npass\nx = 1  # 100%"
+    expected = "try:\n    import bnlib\nexcept ImportError:\n    pass\npass\nx = 1  # 100%"
+    assert run_chapters.cell_to_python(src) == expected
 
 
 def test_cells_share_a_namespace_and_show_the_last_expression(tmp_path, capsys):

@@ -60,7 +60,8 @@ def test_fit_trains_sequences_with_padded_batches_and_evaluates_tuples():
     m = sequences.NormRNN(input_size=5, hidden_size=8, num_classes=2, norm="bn", max_steps=6)
     lengths = sequences.random_lengths(64, 3, 6, torch.Generator().manual_seed(1))
     test = ((sequences.pad_to_lengths(x, lengths), lengths), y)
-    hist = training.fit(m, ((x, y), test), steps=5, batch_size=16, optimizer="adam", lr=1e-3, clip_grad_norm=1.0, eval_every=5,
+    hist = training.fit(m, ((x, y), test), steps=5, batch_size=16, optimizer="adam", lr=1e-3, clip_grad_norm=1.0,
+                        eval_every=5,
                         batches=sequences.padded_batches(x, y, 16, 3, 6), device="cpu")
     assert len(hist.test_acc) == 2 and all(torch.isfinite(torch.tensor(hist.train_loss)))
     before = {k: v.clone() for k, v in m.state_dict().items()}

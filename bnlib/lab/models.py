@@ -112,8 +112,8 @@ def make_norm(norm: NormSpec, num_features: int, kind: str = "1d", **kwargs: Any
     raise ValueError(f"unknown norm {norm!r}; valid names: None, {valid}, or a callable num_features -> nn.Module")
 
 
-def _uses_batch_stats(norm: NormSpec) -> bool:
-    """Returns True unless ``norm`` means no normalization."""
+def _normalizes(norm: NormSpec) -> bool:
+    """Whether ``norm`` names a normalization layer (any, not only batch statistics): False for None and "none"."""
     return not (norm is None or (isinstance(norm, str) and norm.lower() == "none"))
 
 
@@ -208,7 +208,7 @@ class MLP(nn.Module):
         super().__init__()
         if init not in ("gaussian", "default"):
             raise ValueError(f"init must be 'gaussian' or 'default', got {init!r}")
-        use_bias = (not _uses_batch_stats(norm)) if bias is None else bool(bias)
+        use_bias = (not _normalizes(norm)) if bias is None else bool(bias)
         layers, prev = [], in_features
         for w in widths:
             layers.append(HiddenLayer(nn.Linear(prev, w, bias=use_bias), make_norm(norm, w, "1d"),
@@ -239,7 +239,7 @@ def _conv_bias(conv_bias: bool | None, norm: NormSpec, norm_follows_conv: bool) 
     """Returns whether a convolution keeps its bias (see :class:`CNN`, ``conv_bias``)."""
     if conv_bias is not None:
         return bool(conv_bias)
-    return not (norm_follows_conv and _uses_batch_stats(norm))
+    return not (norm_follows_conv and _normalizes(norm))
 
 
 class ConvBlock(nn.Module):
