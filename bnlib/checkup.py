@@ -70,7 +70,7 @@ import textwrap
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -258,8 +258,8 @@ def _input_of(batch: Any) -> Tensor:
 def _model_device(model: nn.Module) -> torch.device | None:
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return None
 
 
@@ -290,7 +290,7 @@ class _Trace:
     def __init__(self, model: nn.Module, bns: dict[str, nn.Module], mask: Tensor | None) -> None:
         self.bns, self.mask = bns, mask
         self.names = {m: name for name, m in model.named_modules()}
-        self.producer: dict[int, tuple[weakref.ref, str]] = {}  # id(tensor) -> (tensor, module name)
+        self.producer: dict[int, tuple[weakref.ref[Tensor], str]] = {}  # id(tensor) -> (tensor, module name)
         self.before: dict[str, set[str]] = {name: set() for name in bns}
         self.seen: dict[str, _Seen] = {}
         self.running: str | None = None  # the BN layer whose forward started last and has not ended
@@ -341,8 +341,9 @@ class _Trace:
         share = 1.0 - float(real.double().mean())
         if share == 0.0 or int(real.sum()) < 2:
             return None
+        assert seen.mean is not None and seen.var is not None  # set by _bn_input before it calls this
         mean_real, var_real = _moments(x, real.to(x.device))
-        shift, factor = _gap(seen.mean, seen.var, mean_real, var_real, module.eps)
+        shift, factor = _gap(seen.mean, seen.var, mean_real, var_real, cast(float, module.eps))
         return share, shift, factor
 
     def remove(self) -> None:
@@ -480,7 +481,8 @@ def checkup(
                 f"(bnlib.running_stats.convert_momentum({momentum:g}, 'keras', 'torch')). Fix: "
                 f"momentum={1 - momentum:.2g}, or PyTorch's default 0.1."), {"momentum": float(momentum)}))
         if momentum is None and name in tracking and model.training:
-            n = int(bn.num_batches_tracked) if getattr(bn, "num_batches_tracked", None) is not None else 0
+            tracked = getattr(bn, "num_batches_tracked", None)
+            n = int(tracked) if tracked is not None else 0
             findings.append(Finding(name, "cumulative-momentum", (
                 f"momentum=None in a model in training mode: the running statistics are the plain average of "
                 f"every batch since the last reset ({n} so far; the next one weighs 1/{n + 1}), so the statistics "
@@ -556,9 +558,13 @@ def checkup(
                 f"(GroupNorm, LayerNorm), or frozen statistics (bnlib.freeze_batchnorm)."),
                 {"values_per_channel": s.values, "bound": bound}))
         if name in tracking and s.mean is not None:
-            shift, factor = _gap(bn.running_mean, bn.running_var, s.mean, s.var, bn.eps)
+            assert s.var is not None  # _Trace sets mean and var together
+            # a tracking layer: BN's running buffers are tensors (``tracking`` checked running_mean is not None)
+            running_mean, running_var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+            shift, factor = _gap(running_mean, running_var, s.mean, s.var, cast(float, bn.eps))
             if _beyond_noise(shift, factor, s.examples):
-                never = getattr(bn, "num_batches_tracked", None) is not None and int(bn.num_batches_tracked) == 0
+                tracked = getattr(bn, "num_batches_tracked", None)
+                never = tracked is not None and int(tracked) == 0
                 findings.append(Finding(name, "stale-stats", (
                     f"running statistics far from this batch's: the running mean is off by {shift:.2f} standard "
                     f"deviations and the running variance by a factor {factor:.2f} (RMS over {s.mean.numel()} "
@@ -653,7 +659,7 @@ def _trace(model, bns, x, mask, device):
 
 def _bias_before(model, name, bn, prev_name, prev, seen) -> Finding | None:
     """``bias-before-bn`` for the module ``prev`` right before the BN layer ``bn``, when its bias is dead."""
-    if not isinstance(prev, _BIAS_TYPES) or getattr(prev, "bias", None) is None:
+    if not isinstance(prev, _BIAS_TYPES) or prev.bias is None:
         return None
     if isinstance(bn, BatchLayerNorm):  # its per-example half is not invariant to a per-channel shift
         return None
@@ -685,8 +691,9 @@ def _dropout_before(model, bns, name, bn, prev_name, prev, x, device, seen) -> F
                 model(x)
         finally:
             train.remove()
-        if name in train.seen and train.seen[name].var is not None:
-            factor = float(train.seen[name].var.mean() / seen[name].var.mean())
+        var_train = train.seen[name].var if name in train.seen else None
+        if var_train is not None:
+            factor = float(var_train.mean() / seen[name].var.mean())
             evidence["variance_ratio"] = factor
             measured = (f" Measured on the batch: the variance of this layer's input is {factor:.2f} times larger "
                         f"with dropout on (training) than off (inference), averaged over channels.")
@@ -701,7 +708,8 @@ def _precise(model, bns, tracking, batches, metric, tolerance, device) -> list[F
     """``precise-bn``: the running statistics against Precise BN's over ``batches``; a metric's change."""
     findings = []
     examples = sum(int(b.shape[0]) for b in batches)
-    before_metric = after_metric = None
+    before_metric: float | None = None
+    after_metric: float | None = None
     if metric is not None:
         with _untouched(model, device):
             model.eval()
@@ -719,6 +727,7 @@ def _precise(model, bns, tracking, batches, metric, tolerance, device) -> list[F
             after_metric = _call_metric(metric, model)
     for name in tracking:
         m = moments[name]
+        assert m.mean is not None  # recompute_bn_stats raises for a layer that saw no data
         shift, factor = _gap(running[name][0], running[name][1], m.mean, m.var(unbiased=True), bns[name].eps)
         if _beyond_noise(shift, factor, examples):
             findings.append(Finding(name, "precise-bn", (
@@ -727,7 +736,7 @@ def _precise(model, bns, tracking, batches, metric, tolerance, device) -> list[F
                 f"factor {factor:.2f} (RMS over {m.mean.numel()} channels). Fix: "
                 f"bnlib.running_stats.recompute_bn_stats(model, training_batches) after training (or after any "
                 f"change to the weights)."), {"mean_shift": shift, "var_factor": factor, "examples": examples}))
-    if metric is not None and abs(after_metric - before_metric) > tolerance:
+    if before_metric is not None and after_metric is not None and abs(after_metric - before_metric) > tolerance:
         findings.append(Finding("", "precise-bn", (
             f"recalibrating the BN statistics with Precise BN over {len(batches)} batch(es) changes the metric "
             f"from {before_metric:.4g} to {after_metric:.4g} ({after_metric - before_metric:+.4g}, more than "

@@ -40,7 +40,8 @@ def settle(model: nn.Module, x: torch.Tensor, passes: int = 60) -> nn.Module:
     return model
 
 
-def conv_net(bias: bool = False, momentum: float | None = 0.1, track: bool = True, norm=nn.BatchNorm2d) -> nn.Sequential:
+def conv_net(bias: bool = False, momentum: float | None = 0.1, track: bool = True,
+             norm=nn.BatchNorm2d) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=bias),
                          norm(8, momentum=momentum, track_running_stats=track),
