@@ -15,6 +15,7 @@ The package has two parts, visible in its file tree:
   - ``fold``           folding BN into the preceding Conv/Linear for inference
   - ``frozen``         frozen BN (fixed statistics, γ/β optionally trainable) for fine-tuning
   - ``layers``         which modules count as batch-statistics layers (one definition)
+  - ``weight_std``     scaled weight standardization (normalizing the weights instead of the activations)
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
   measurements, plots, multi-process launch, benchmarks and their measured records. It is what
@@ -43,6 +44,7 @@ from .variants import (
     apply_renorm_schedule,
     renorm_schedule,
 )
+from .weight_std import ScaledStdConv2d, ScaledStdLinear
 
 __all__ = [
     "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
@@ -50,4 +52,5 @@ __all__ = [
     "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "recompute_step_stats",
     "reference", "renorm_schedule", "running_stats",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm",
+    "ScaledStdConv2d", "ScaledStdLinear",
 ]
