@@ -23,6 +23,7 @@ Why the mean matters: for inputs ``z_j`` with a common mean ``m`` and variance `
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -123,6 +124,8 @@ def scaled_standardize(weight: torch.Tensor, gain: torch.Tensor | None = None, g
 class _ScaledStd:
     """What the two layers share: the gain, γ, ε and the standardized weight."""
 
+    weight: torch.Tensor  # set by nn.Linear / nn.Conv2d, the other base class
+
     def _init_std(self, nonlinearity: str | float, eps: float, out: int) -> None:
         self.nonlinearity = nonlinearity
         self.gamma = nonlinearity_gain(nonlinearity)
@@ -180,7 +183,8 @@ class ScaledStdConv2d(_ScaledStd, nn.Conv2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 groups: int = 1, bias: bool = True,
+                 padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros", *,
                  nonlinearity: str | float = "relu", eps: float = 1e-4, device=None, dtype=None) -> None:
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
