@@ -441,3 +441,14 @@ def test_evaluate_train_mode_merges_a_last_batch_of_one(n):
         logits = [model(x[i:j]) for i, j in ([(0, 101)] if n == 101 else [(0, 100), (100, 201)])]
     expected = (torch.cat(logits).argmax(1) == y).sum().item() / n
     assert acc == pytest.approx(expected, abs=1e-12)
+
+
+def test_training_exports_the_pieces_from_their_modules():
+    from bnlib.lab import evaluation, loop, record, runtime, samplers, training
+    for module in (runtime, record, evaluation, samplers, loop):
+        for name in module.__all__:
+            if name != "Batch":
+                assert getattr(training, name) is getattr(module, name), (module.__name__, name)
+    old = ["device", "seed_everything", "History", "fit", "FitInterrupted", "evaluate", "batch_statistics",
+           "class_subset_sampler", "train_loop", "Plan", "Step", "EpochOrder", "indexed_batches"]
+    assert set(old) <= set(training.__all__)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..layers import preserved_state
 
-__all__ = ["evaluate", "batch_statistics", "as_parts", "check_parts", "model_device"]
+__all__ = ["evaluate", "batch_statistics"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -102,10 +102,10 @@ def evaluate(model: nn.Module, x: torch.Tensor | Sequence[torch.Tensor], y: torc
     ``batch_size`` test examples is normalized with its own statistics, and the buffers are left as
     they were. A last batch of a single example (``n % batch_size == 1``) has no batch statistics
     (BN in training mode refuses one value per channel), so it is merged into the batch before it,
-    which then holds ``batch_size + 1`` examples. Either way, no gradient is computed and the model's train/eval mode is restored.
-    Batches are moved to the model's device if they are not there already. Predictions with NaN
-    logits count as class 0 (``argmax`` puts NaN first), so a diverged model scores the frequency of
-    class 0, close to chance.
+    which then holds ``batch_size + 1`` examples. Either way, no gradient is computed and the model's
+    train/eval modes and buffers are restored. Batches are moved to the model's device if they are not
+    there already. Predictions with NaN logits count as class 0 (``argmax`` puts NaN first), so a
+    diverged model scores the frequency of class 0, close to chance.
 
     Returns:
         float: the fraction of correctly classified examples, in [0, 1].

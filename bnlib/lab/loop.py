@@ -130,7 +130,8 @@ class _Evaluations:
 
 
 class FitInterrupted(KeyboardInterrupt):
-    """Raised by :func:`fit` (and :func:`train_loop`) on Ctrl-C: the run so far is in ``.history``.
+    """Raised by :func:`~bnlib.lab.training.fit` (and :func:`train_loop`) on Ctrl-C: the run so far is in
+    ``.history``.
 
     It is a :class:`KeyboardInterrupt`, so an interrupted notebook cell or script stops as usual; catch
     it to keep the partial record (``interrupted=True``, losses up to the last finished update)::

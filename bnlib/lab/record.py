@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["History", "plain", "describe"]
+__all__ = ["History"]
 
 
 def _same_float_lists(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -43,7 +43,7 @@ class History:
       window's last update;
     * ``test_step``, ``test_acc``, ``wall_time``: test accuracy after
       ``test_step`` updates (0 = the initial model) and the seconds elapsed
-      since :func:`fit` started;
+      since :func:`~bnlib.lab.training.fit` started;
     * scalars: ``steps_per_s`` (training updates per second, evaluation time
       excluded), ``diverged`` / ``diverged_at`` (the first update whose loss
       was NaN or infinite), ``interrupted`` (stopped by Ctrl-C: see

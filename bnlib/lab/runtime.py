@@ -77,7 +77,7 @@ def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy and PyTorch (CPU and all GPUs).
 
     Call it right before building a model so that its initial weights are
-    reproducible; :func:`fit` seeds the mini-batch order itself.
+    reproducible; :func:`~bnlib.lab.training.fit` seeds the mini-batch order itself.
 
     Returns:
         None.

@@ -18,7 +18,8 @@ Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # (the model's inputs, th
 
 
 class EpochOrder:
-    """The default order of :func:`fit`: ``order(step)`` gives the indices of that update's examples.
+    """The default order of :func:`~bnlib.lab.training.fit`: ``order(step)`` gives the indices of that
+    update's examples.
 
     Every epoch (``n // batch_size`` updates) walks through a fresh random permutation of the ``n``
     training examples, drawn from ``generator`` on the CPU and moved to ``device`` once; a final
@@ -49,7 +50,7 @@ def indexed_batches(parts: tuple[torch.Tensor, ...], y: torch.Tensor,
 
 
 def class_subset_sampler(y: torch.Tensor, batch_size: int, classes_per_batch: int = 2) -> Callable:
-    """A non-i.i.d. ``sampler`` for :func:`fit`: each batch holds few classes.
+    """A non-i.i.d. ``sampler`` for :func:`~bnlib.lab.training.fit`: each batch holds few classes.
 
     For every batch, ``classes_per_batch`` distinct classes are drawn, then
     ``batch_size`` examples uniformly (with replacement) among the training
