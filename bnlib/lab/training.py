@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import bn_layers, preserved_state
-from .evaluation import as_parts, batch_statistics, check_parts, evaluate
+from .evaluation import as_parts, batch_statistics, check_parts, evaluate, model_device
 from .loop import FitInterrupted, Plan, Step, train_loop
 from .record import History, describe, plain
 from .runtime import device, seed_everything
@@ -344,14 +344,15 @@ def _check_labels(model: nn.Module, test: tuple[torch.Tensor, ...], labels: dict
             raise ValueError(f"fit(): the {what} labels include {int(y.min())}; class indices start at 0")
     if any(nn.parameter.is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())):
         return  # the width of a lazy model's output is known only after its first forward pass
-    cuda = [test[0].device] if test[0].device.type == "cuda" else []
+    dev = model_device(model)
+    cuda = [dev] if dev.type == "cuda" else []
     active = [p.active for p in probes]
     try:
         for p in probes:
             p.active = False
         with preserved_state(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
             model.eval()
-            out = model(*(t[:2] for t in test))
+            out = model(*(t[:2].to(dev) for t in test))
     finally:
         for p, state in zip(probes, active):
             p.active = state
@@ -425,6 +426,8 @@ def fit(
     o, s, r, h = groups["optim"], groups["sampling"], groups["recording"], groups["hooks"]
     train, y_train, test, y_test, total = _check_fit_args(data, steps, epochs, o, s, r)
     kept = _kept_in_eval(model, keep_eval)
+    probes = list(h.probes or ())
+    _check_labels(model, test, {"training": y_train, "test": y_test}, probes)
     eval_every = _positive_int("eval_every", r.eval_every, max(1, total // 50))
     plan = Plan(total=total, eval_every=eval_every,
                 loss_every=_positive_int("loss_every", r.loss_every, eval_every),
@@ -437,12 +440,9 @@ def fit(
     dev = _pick_device(device)
     model.to(dev)
     train = tuple(t.to(dev) for t in train)
-    y_train = y_train.to(dev)
+    y_train = y_train.to(dev, dtype=torch.long)
     test = tuple(t[:n_eval].to(dev) for t in test)
-    y_test = y_test[:n_eval].to(dev)
-    probes = list(h.probes or ())
-    _check_labels(model, test, {"training": y_train, "test": y_test}, probes)
-    y_train, y_test = y_train.long(), y_test.long()
+    y_test = y_test[:n_eval].to(dev, dtype=torch.long)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(o, params)
