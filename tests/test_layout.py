@@ -129,12 +129,30 @@ def test_chapters_do_not_redefine_the_kit():
                     f"{chapter}.ipynb cell {k} defines mean_std: use the kit's Spread (mean, sample std)")
 
 
+def _assigned(node: ast.Assign) -> list[tuple[str, ast.expr | None]]:
+    """(name, value) of each name an assignment binds; value None where it cannot be told (unpacking a call)."""
+    pairs = []
+    for target in node.targets:
+        if isinstance(target, ast.Name):
+            pairs.append((target.id, node.value))
+        elif isinstance(target, ast.Tuple):
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [None] * len(target.elts)
+            pairs += [(t.id, v) for t, v in zip(target.elts, values) if isinstance(t, ast.Name)]
+    return pairs
+
+
+def _typed_in(value: ast.expr | None) -> bool:
+    """A literal collection or a range(...) call: numbers typed into the chapter."""
+    return isinstance(value, (ast.Tuple, ast.List, ast.Set)) or (
+        isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "range")
+
+
 def test_chapters_take_their_seeds_from_the_kit():
     """A chapter's seeds come from the kit (BNLIB_SEEDS replaces them): no SEEDS = (0, 1, 2) typed in."""
     for chapter, k, tree, _ in _chapter_cells():
         for node in tree.body:
-            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and "SEEDS" in t.id for t in node.targets):
-                value = node.value
-                typed = isinstance(value, (ast.Tuple, ast.List, ast.Set)) or (
-                    isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "range")
-                assert not typed, f"{chapter}.ipynb cell {k} types its seeds in: {ast.unparse(node)}"
+            if isinstance(node, ast.Assign):
+                for name, value in _assigned(node):
+                    assert not ("SEEDS" in name and _typed_in(value)), (
+                        f"{chapter}.ipynb cell {k} types its seeds in: {ast.unparse(node)}; "
+                        "use the kit's seeds (bnlib.lab.protocol.seeds())")
