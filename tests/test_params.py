@@ -10,7 +10,6 @@ from bnlib.lab.params import (
     BN_VARIANTS,
     StepSizeRecorder,
     bn_factory,
-    bn_modules,
     bn_parameters,
     count_parameters,
     gamma_zeroed,
@@ -18,6 +17,12 @@ from bnlib.lab.params import (
     train_only,
 )
 from bnlib.lab.training import fit, seed_everything
+from bnlib.layers import bn_layers
+
+
+def _bn(model):
+    """The BN layers of ``model`` as a list, in module order."""
+    return list(bn_layers(model).values())
 
 
 @pytest.mark.parametrize("kind,cls", [("1d", bnlib.BatchNorm1d), ("2d", bnlib.BatchNorm2d)])
@@ -53,15 +58,15 @@ def test_bn_factory_passes_kwargs_and_works_in_models():
     assert layer.eps == 1e-3 and layer.momentum == 0.2
     seed_everything(0)
     mlp = MLP(norm=bn_factory("beta=0"))
-    assert len(bn_modules(mlp)) == 3 and all(m.bias is None for m in bn_modules(mlp))
+    assert len(_bn(mlp)) == 3 and all(m.bias is None for m in _bn(mlp))
     cnn = CNN(channels=(4, 8), norm=bn_factory("gamma=1", "2d"))
-    assert len(bn_modules(cnn)) == 2
+    assert len(_bn(cnn)) == 2
     assert cnn(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_bn_modules_finds_torch_and_bnlib_layers():
+def test_bn_parameters_come_from_torch_and_bnlib_layers():
     model = nn.Sequential(nn.Linear(3, 4), bnlib.BatchNorm1d(4), nn.BatchNorm1d(4), nn.LayerNorm(4))
-    assert [type(m) for m in bn_modules(model)] == [bnlib.BatchNorm1d, nn.BatchNorm1d]
+    assert [type(m) for m in _bn(model)] == [bnlib.BatchNorm1d, nn.BatchNorm1d]
     assert len(bn_parameters(model)) == 4
 
 
@@ -142,7 +147,7 @@ def test_gamma_zeroed_switches_features_off_and_restores():
     seed_everything(0)
     mlp = MLP(in_features=4, widths=(6, 5), norm="bn", bias=None).eval()
     x = torch.randn(7, 4)
-    layers = bn_modules(mlp)
+    layers = _bn(mlp)
     before = [m.weight.detach().clone() for m in layers]
     masks = [torch.tensor([True, False, False, False, False, True]), torch.zeros(5, dtype=torch.bool)]
     with gamma_zeroed(mlp, masks):

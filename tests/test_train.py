@@ -363,3 +363,92 @@ def test_train_loop_stops_when_any_replica_diverges():
                    any_replica=other_replica_diverged_at_30)
     assert votes == [False, False, False]
     assert h.diverged and h.diverged_at == 30 and h.step == [10, 20, 30] and h.test_step == [0, 30]
+
+
+def test_option_groups_equal_the_plain_keywords():
+    from bnlib.lab.training import Hooks, Optim, Recording, Sampling
+    plain = fit(tiny_model(norm=True), blobs(), steps=60, batch_size=16, lr=0.2, momentum=0.9, eval_every=20,
+                loss_every=10, seed=2, device="cpu")
+    grouped = fit(tiny_model(norm=True), blobs(), steps=60, optim=Optim(lr=0.2, momentum=0.9),
+                  sampling=Sampling(batch_size=16, seed=2), recording=Recording(eval_every=20, loss_every=10),
+                  hooks=Hooks(progress=False), device="cpu")
+    assert plain.same_results(grouped)
+    mixed = fit(tiny_model(norm=True), blobs(), steps=60, optim=Optim(lr=5.0, momentum=0.9), lr=0.2,
+                sampling=Sampling(batch_size=16, seed=2), eval_every=20, loss_every=10, device="cpu")
+    assert plain.same_results(mixed)  # a plain keyword overrides the field of the group given
+    with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
+        fit(tiny_model(), blobs(), steps=5, learning_rate=0.1, device="cpu")
+    with pytest.raises(TypeError, match="optim= must be a Optim"):
+        fit(tiny_model(), blobs(), steps=5, optim=Sampling(), device="cpu")
+
+
+def test_keep_eval_holds_chosen_bn_layers_in_eval_mode():
+    data = blobs()
+    model = tiny_model(norm=True)
+    bn = model[1]
+    mean0, count0 = bn.running_mean.clone(), int(bn.num_batches_tracked)
+    seen = []
+    h = fit(model, data, steps=30, batch_size=10, eval_every=10, keep_eval=True, device="cpu",
+            callback=lambda step, m, hist: seen.append((m.training, m[1].training)), callback_every=10)
+    assert seen == [(True, False)] * 4                  # the rest trains, the BN layer is held in eval mode
+    assert torch.equal(bn.running_mean, mean0) and int(bn.num_batches_tracked) == count0   # never updated
+    assert not torch.equal(bn.weight, torch.ones_like(bn.weight))                         # gamma still learns
+    assert model.training and not bn.training and h.config["keep_eval"] == ["1"]
+    # by name or by module; the same run as holding every BN layer
+    for by_name in (True, False):
+        again = tiny_model(norm=True)
+        keep = ["1"] if by_name else [again[1]]
+        h2 = fit(again, data, steps=30, batch_size=10, eval_every=10, keep_eval=keep, device="cpu")
+        assert h2.same_results(h)
+    with pytest.raises(ValueError, match="not a submodule"):
+        fit(tiny_model(norm=True), data, steps=5, keep_eval=[nn.BatchNorm1d(16)], device="cpu")
+    with pytest.raises(ValueError, match="'9'"):
+        fit(tiny_model(norm=True), data, steps=5, keep_eval=["9"], device="cpu")
+    with pytest.raises(TypeError, match="keep_eval"):
+        fit(tiny_model(norm=True), data, steps=5, keep_eval=model[1], device="cpu")
+
+
+@pytest.mark.parametrize("where, labels", [("training", lambda y: y * 3), ("test", lambda y: y - 1),
+                                          ("training", lambda y: y.float() + 0.5)])
+def test_fit_checks_labels_before_the_first_update(where, labels):
+    (x, y), (xt, yt) = blobs()
+    data = ((x, labels(y)), (xt, yt)) if where == "training" else ((x, y), (xt, labels(yt)))
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"the {where} labels"):
+        fit(model, data, steps=5, batch_size=10, device="cpu")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # nothing ran
+
+
+def test_fit_accepts_whole_float_labels_and_checks_leave_no_trace():
+    (x, y), (xt, yt) = blobs()
+    runs = [fit(tiny_model(norm=True), ((x, y_), (xt, yt)), steps=20, batch_size=10, device="cpu")
+            for y_ in (y, y.float())]
+    assert runs[0].same_results(runs[1]) and runs[0].config["n_train"] == len(y)
+
+
+@pytest.mark.parametrize("n", [201, 101, 1])
+def test_evaluate_train_mode_merges_a_last_batch_of_one(n):
+    model = tiny_model(norm=True)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 8, generator=g), torch.randint(0, 2, (n,), generator=g)
+    if n == 1:   # one example in all has no batch statistics: BN's own error
+        with pytest.raises(ValueError):
+            evaluate(model, x, y, batch_size=100, train_mode=True)
+        return
+    acc = evaluate(model, x, y, batch_size=100, train_mode=True)
+    with batch_statistics(model):   # the same batches by hand: the last two examples normalized together
+        logits = [model(x[i:j]) for i, j in ([(0, 101)] if n == 101 else [(0, 100), (100, 201)])]
+    expected = (torch.cat(logits).argmax(1) == y).sum().item() / n
+    assert acc == pytest.approx(expected, abs=1e-12)
+
+
+def test_training_exports_the_pieces_from_their_modules():
+    from bnlib.lab import evaluation, loop, record, runtime, samplers, training
+    for module in (runtime, record, evaluation, samplers, loop):
+        for name in module.__all__:
+            if name != "Batch":
+                assert getattr(training, name) is getattr(module, name), (module.__name__, name)
+    old = ["device", "seed_everything", "History", "fit", "FitInterrupted", "evaluate", "batch_statistics",
+           "class_subset_sampler", "train_loop", "Plan", "Step", "EpochOrder", "indexed_batches"]
+    assert set(old) <= set(training.__all__)

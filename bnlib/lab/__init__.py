@@ -4,8 +4,13 @@
 * ``models``     MLP, CNN, ResNet with a pluggable ``norm=``
 * ``nonorm``     residual networks without normalization (SkipInit, Fixup, NF) and adaptive gradient clipping
 * ``sequences``  row-by-row MNIST, padding, and a small recurrent classifier
-* ``training``   device choice, seeding, the one training loop (``train_loop``, fronted by ``fit``),
-                 ``evaluate`` / ``batch_statistics`` (BN with each batch's statistics), the run record ``History``
+* ``training``   ``fit``: training in one call, its options grouped (``Optim``, ``Sampling``, ``Recording``,
+                 ``Hooks``); re-exports the pieces below, which a reader can take one at a time:
+* ``runtime``    device choice (``device``) and seeding (``seed_everything``)
+* ``record``     the run record ``History`` and its JSON form
+* ``evaluation`` ``evaluate`` / ``batch_statistics`` (BN with each batch's statistics)
+* ``samplers``   which examples each update sees (``EpochOrder``, ``class_subset_sampler``)
+* ``loop``       the one training loop (``train_loop``, ``Step``, ``Plan``)
 * ``seeds``      several seeds of one experiment: their spread, differences in units of it
 * ``glue``       a measured value glued into the prose (myst-nb's ``glue``, also without myst-nb)
 * ``params``     which parameters learn: freezing γ/β, training only BN, effective step sizes

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..layers import preserved_state
 from .models import NormSpec, make_norm
 
 __all__ = [
@@ -57,8 +58,9 @@ class NoisyShift(nn.Module):
     distribution of the unit moves from one step to the next (non-zero mean, non-unit variance).
     In eval mode it applies the average transform, :math:`y = x \cdot \bar s + \mu` with
     :math:`\bar s = (s_{lo} + s_{hi})/2`, so that a network trained with the noise is evaluated
-    with the shift and scale it saw on average (as dropout rescales at test time). The random numbers come from PyTorch's global generator on the
-    input's device, so :func:`bnlib.lab.training.seed_everything` makes them reproducible.
+    with the shift and scale it saw on average (as dropout rescales at test time). The random numbers
+    come from PyTorch's global generator on the input's device, so
+    :func:`bnlib.lab.runtime.seed_everything` makes them reproducible.
 
     Args:
         num_features: ``C``; only used to check the input.
@@ -148,7 +150,8 @@ class LandscapeResult:
 
     @property
     def max_grad_change(self) -> float:
-        """Returns the largest ‖∇L(x) − ∇L(x − η∇L(x))‖ (the gradient's "predictiveness": smaller is better)."""
+        """Returns the largest ‖∇L(x) − ∇L(x − η∇L(x))‖ (the gradient's "predictiveness": smaller is
+        better)."""
         return float(np.max(self.grad_changes))
 
     @property
@@ -180,27 +183,15 @@ def _trainable(model: nn.Module) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def _left_as_found(model: nn.Module) -> Iterator[None]:
-    """Runs the block, then puts back every parameter, ``.grad``, buffer and PyTorch's random state.
+    """Runs the block, then puts back the model (:func:`bnlib.layers.preserved_state` with its parameters and
+    their ``.grad``) and PyTorch's random state.
 
     Train-mode passes update BN's running statistics, and noise layers draw random numbers; neither
     may leak into the training run that measures.
     """
-    params = list(model.parameters())
-    saved_params = [p.detach().clone() for p in params]
-    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    saved_buffers = [b.detach().clone() for b in model.buffers()]
-    dev = params[0].device if params else torch.device("cpu")
-    rng_devices = [dev] if dev.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=rng_devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for p, p0, g0 in zip(params, saved_params, saved_grads):
-                p.copy_(p0)
-                p.grad = g0
-            for b, b0 in zip(model.buffers(), saved_buffers):
-                b.copy_(b0)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with preserved_state(model, parameters=True), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        yield
 
 
 def loss_landscape(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -7,7 +7,7 @@ else frozen:
 * :func:`bn_factory` -- a ``norm=`` argument for :class:`bnlib.lab.models.MLP` /
   :class:`~bnlib.lab.models.CNN` building BN with both parameters (``'full'``), with γ frozen at 1
   (``'gamma=1'``), without β (``'beta=0'``), or with neither (``'none'``: ``affine=False``);
-* :func:`bn_modules`, :func:`bn_parameters` -- the BN layers of a model and their γ and β;
+* :func:`bn_parameters` -- the γ and β of the BN layers of a model (:func:`bnlib.layers.bn_layers`);
 * :func:`train_only` -- freeze every parameter except those of the given modules (and, optionally,
   of every BN layer), e.g. "only BN" or "only BN and the output layer";
 * :func:`count_parameters` -- how many parameters (trainable ones by default) a model has;
@@ -32,13 +32,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..layers import is_batchnorm
+from ..layers import bn_layers
 from ..modules import BatchNorm1d, BatchNorm2d
 
 __all__ = [
     "BN_VARIANTS",
     "bn_factory",
-    "bn_modules",
     "bn_parameters",
     "train_only",
     "count_parameters",
@@ -87,13 +86,9 @@ def bn_factory(variant: str = "full", kind: str = "1d", **bn_kwargs) -> Callable
     return make
 
 
-def bn_modules(model: nn.Module) -> list[nn.Module]:
-    """The batch-normalization layers of ``model`` (bnlib's and torch.nn's), in module order."""
-    return [m for m in model.modules() if is_batchnorm(m)]
-
 def bn_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Returns every γ (``weight``) and β (``bias``) of the BN layers of ``model`` that exists."""
-    return [p for m in bn_modules(model) for p in (m.weight, m.bias) if p is not None]
+    return [p for m in bn_layers(model).values() for p in (m.weight, m.bias) if p is not None]
 
 
 def train_only(model: nn.Module, *modules: nn.Module, bn: bool = False) -> int:
@@ -141,13 +136,14 @@ def small_gamma_mask(layer: nn.Module, rel: float = 0.1) -> torch.Tensor:
 def gamma_zeroed(model: nn.Module, masks: Sequence[torch.Tensor]) -> Iterator[nn.Module]:
     """Context manager: γ set to 0 for the features in ``masks`` (one per BN layer), restored on exit.
 
-    ``masks`` are boolean tensors, one per layer of :func:`bn_modules` (``model``), in that order. Inside
-    the ``with`` block those features output their constant ``β``; on exit every γ has its old value::
+    ``masks`` are boolean tensors, one per layer of :func:`bnlib.layers.bn_layers` (``model``), in that
+    order. Inside the ``with`` block those features output their constant ``β``; on exit every γ has its
+    old value::
 
-        with gamma_zeroed(model, [small_gamma_mask(m) for m in bn_modules(model)]):
+        with gamma_zeroed(model, [small_gamma_mask(m) for m in bn_layers(model).values()]):
             acc = training.evaluate(model, x, y)
     """
-    layers = bn_modules(model)
+    layers = list(bn_layers(model).values())
     if len(masks) != len(layers):
         raise ValueError(f"need one mask per BN layer: {len(layers)} layers, {len(masks)} masks")
     saved = []
