@@ -319,7 +319,7 @@ class CNN(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.head = nn.Linear(prev, num_classes)
         if init == "kaiming":
-            _kaiming_init(self)
+            kaiming_init(self)
 
     @property
     def blocks(self) -> list:
@@ -335,7 +335,7 @@ class CNN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-def _kaiming_init(model: nn.Module) -> None:
+def kaiming_init(model: nn.Module) -> None:
     """He-normal (fan-in, ReLU) weights and zero biases for every conv and linear layer."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from bnlib.weight_std import ScaledStdLinear
 
-from .models import _kaiming_init, make_norm
+from .models import kaiming_init, make_norm
 
 __all__ = ["RESIDUALS", "adaptive_clip_", "agc_parameters", "unitwise_norm", "with_agc", "ResidualMLP"]
 
@@ -220,7 +220,7 @@ class ResidualMLP(nn.Module):
             final.append(_Bias())
         self.final = nn.Sequential(*final)
         self.head = nn.Linear(width, num_classes)
-        _kaiming_init(self)
+        kaiming_init(self)
         if residual == "fixup":
             for block in self.blocks:
                 first, last = block.branch[3], block.branch[7]
