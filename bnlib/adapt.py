@@ -137,9 +137,9 @@ def source_target_mix(model: nn.Module, pseudo_count: float) -> Iterator[nn.Modu
     where :math:`\mu_s, \sigma^2_s` are its running (source) statistics, :math:`\mu_t, \sigma^2_t` the mean and
     biased variance of its input in this batch, and :math:`N` the pseudo-count: the source statistics weigh as
     much as :math:`N` test examples. ``pseudo_count=0`` is :func:`prediction_time_bn`; ``math.inf`` is the
-    source statistics (plain eval mode). (The authors' code mixes the batch's *unbiased* variance; the biased
-    one is used here so that :math:`N = 0` is exactly prediction-time BN. For convolutional layers the two
-    differ by the factor :math:`m/(m-1)`, :math:`m = n\cdot H\cdot W`.)
+    source statistics (plain eval mode). The batch's variance is the biased one, the one BN normalizes with in
+    training, so that :math:`N = 0` is exactly prediction-time BN (an unbiased estimate would differ by the
+    factor :math:`m/(m-1)`, :math:`m = n\cdot H\cdot W` values per channel).
 
     The model is in eval mode inside the block, and restored exactly on exit::
 
