@@ -15,6 +15,7 @@ The package has two parts, visible in its file tree:
   - ``fold``           folding BN into the preceding Conv/Linear for inference
   - ``frozen``         frozen BN (fixed statistics, γ/β optionally trainable) for fine-tuning
   - ``layers``         which modules count as batch-statistics layers (one definition)
+  - ``adapt``          test-time adaptation: AdaBN, prediction-time BN, the source/target mix, TENT
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
   measurements, plots, multi-process launch, benchmarks and their measured records. It is what
@@ -23,7 +24,7 @@ The package has two parts, visible in its file tree:
 
 __version__ = "0.1.0"
 
-from . import functional, layers, reference, running_stats
+from . import adapt, functional, layers, reference, running_stats
 from .distributed import SyncBatchNorm
 from .fold import fold_batchnorm
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
@@ -50,4 +51,5 @@ __all__ = [
     "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "recompute_step_stats",
     "reference", "renorm_schedule", "running_stats",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm",
+    "adapt",
 ]
