@@ -24,6 +24,7 @@ The package has two parts, visible in its file tree:
   - ``checkup``        the common BN mistakes found in a model, with evidence (``bnlib.checkup(model, batch)``)
   - ``core``           what they all share: shapes, validation, layouts, the running-average update
   - ``weight_std``     scaled weight standardization (normalizing the weights instead of the activations)
+  - ``adapt``          test-time adaptation: AdaBN, prediction-time BN, the source/target mix, TENT
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
   measurements, plots, multi-process launch, benchmarks and their measured records. It is what
@@ -32,7 +33,7 @@ The package has two parts, visible in its file tree:
 
 __version__ = "0.1.0"
 
-from . import closed_form, functional, layers, reference, running_stats
+from . import adapt, closed_form, functional, layers, reference, running_stats
 from .checkup import checkup
 from .distributed import SyncBatchNorm
 from .fold import fold_batchnorm
@@ -60,7 +61,7 @@ __all__ = [
     "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GhostBatch", "GhostBatchNorm1d",
     "GhostBatchNorm2d", "GroupNorm", "InPlaceABN", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
-    "ScaledStdConv2d", "ScaledStdLinear", "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "checkup",
-    "closed_form", "fold_batchnorm", "freeze_batchnorm", "functional", "layers", "recompute_step_stats",
+    "ScaledStdConv2d", "ScaledStdLinear", "StepBatchNorm", "SyncBatchNorm", "adapt", "apply_renorm_schedule",
+    "checkup", "closed_form", "fold_batchnorm", "freeze_batchnorm", "functional", "layers", "recompute_step_stats",
     "reference", "renorm_schedule", "running_stats"
 ]
