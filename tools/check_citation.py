@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import sys
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WHEELS = ROOT / ".venv" / "share" / "cff"
+WHEELS = Path(os.environ.get("CFF_WHEELS", ROOT / ".venv" / "share" / "cff"))
 SCHEMA_IN_WHEEL = "cffconvert/schemas/1.2.0/schema.json"
 
 

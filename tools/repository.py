@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only list the copies that disagree with _config.yml")
     p.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.check == bool(a.url):
+    if a.check == (a.url is not None):
         p.error("give either a URL or --check")
     if a.check:
         problems = disagreements(a.root)
