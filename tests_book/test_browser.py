@@ -457,3 +457,18 @@ def test_api_has_no_raw_rst(visit, docname):
         if hits:
             problems.append(f"raw reStructuredText matching {pattern.pattern!r}: {hits[:5]}")
     assert not problems, f"{docname} (fix the docstring):\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("text, raw", [
+    ("BatchNorm2d(num_features, eps=1e-05) Applies Batch Normalization over a 4D input.", False),
+    ("Parameters: x – the input. Returns: the output (N, C, *).", False),
+    ("the shape ``(N, C)`` of x", True),
+    ("see :class:`bnlib.BatchNorm2d` for details", True),
+    ("see :py:func:`fold_batchnorm`", True),
+    ("intro\n.. note:: this was not parsed", True),
+    ("the `paper`_ says", True),
+    ("Folds BN.\n  Args:\n    model: the model", True),
+])
+def test_raw_rst_patterns(text, raw):
+    """The patterns the API page is checked with, on rendered and unrendered text."""
+    assert any(p.search(text) for p in RAW_RST) == raw
