@@ -10,6 +10,12 @@
 #   make device-run   every chapter as plain Python + the benchmarks -> results/device
 #                     (tools/device_run.sh; README, "Running on a GPU")
 #   make test-oldest-torch  the library's unit tests on the oldest supported torch, in a fresh venv (not in test)
+
+#   make repository URL=https://github.com/OWNER/REPO
+#                 set the book's repository (_config.yml) and rewrite every copy of it (tools/repository.py)
+#   make lint-repo  actionlint on .github/workflows, CITATION.cff against the CFF 1.2.0 schema
+#   make test-newest-torch  the unit tests against the newest torch on the index, bnlib from a wheel,
+#                 in a fresh venv ($(NEWEST_VENV)); not part of make test
 #   make clean    remove _build
 # Everything runs inside .venv, which is created on first use.
 
@@ -36,7 +42,8 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
 
-.PHONY: venv data book lint test test-book test-oldest-torch browser execute bench device-data device-run clean
+.PHONY: venv data book lint test test-book browser execute bench device-data device-run clean \
+	repository lint-repo test-newest-torch test-oldest-torch
 
 venv: $(STAMP)
 
@@ -44,7 +51,12 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install -e .
+	$(BIN)/pip download -q --no-deps -d $(VENV)/share/cff $(CFF_SCHEMA)
 	touch $@
+
+# The Citation File Format 1.2.0 schema, as shipped by this package: downloaded (not installed:
+# its own requirements pin an old jsonschema) for tools/check_citation.py, which needs no network.
+CFF_SCHEMA = cffconvert==2.0.0
 
 data: $(STAMP)
 	$(PYTHON) -m bnlib.lab.data
@@ -56,6 +68,7 @@ test: $(STAMP) data
 	@echo "==> [1/5] lint (ruff), type check of the normalization library (mypy; both configured in pyproject.toml), then the bnlib unit tests"
 	@$(BIN)/ruff check bnlib tests tests_book tools
 	@$(BIN)/mypy
+	@$(MAKE) --no-print-directory lint-repo
 	@SECONDS=0; $(NB_ENV) $(PYTHON) -m pytest -q tests; \
 	  echo "==> [1/5] unit tests passed in $${SECONDS}s"
 	@echo "==> [2/5] re-executing chapters with nbval"
@@ -76,8 +89,9 @@ test: $(STAMP) data
 # _toc.yml in headless Chromium, then a chapter run Colab-style from a wheel in
 # a fresh venv outside the repository. Needs a built book (`make book`).
 test-book: $(STAMP) data browser
-	@echo "==> [4/5] measured numbers in the prose are glued or cited (tests_book/test_glue.py)"
-	@$(NB_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_glue.py
+	@echo "==> [4/5] measured numbers in the prose are glued or cited (tests_book/test_glue.py);"
+	@echo "==> [4/5] the repository URL agrees with _config.yml everywhere (tests_book/test_repository.py)"
+	@$(NB_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_glue.py tests_book/test_repository.py
 	@echo "==> [4/5] browser test of the rendered pages"
 	@SECONDS=0; BOOK_CHROMIUM=$(CHROMIUM) $(NB_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider tests_book/test_browser.py; \
 	  echo "==> [4/5] browser test passed in $${SECONDS}s (screenshots in _build/screenshots)"
@@ -105,6 +119,7 @@ execute: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check bnlib tests tests_book tools
 	$(BIN)/mypy
+	@$(MAKE) --no-print-directory lint-repo
 
 # The unit tests of the normalization library on the oldest torch it supports (the floor in pyproject.toml),
 # in a fresh virtual environment under /tmp with that torch from PyPI (a large download: the CUDA build and its
@@ -128,6 +143,37 @@ test-oldest-torch:
 	$(OLDEST_VENV)/bin/pip install -q --no-deps -e .
 	cd $(OLDEST_VENV) && $(OLDEST_VENV)/bin/python -c 'import torch, bnlib; print("torch", torch.__version__, "bnlib from", bnlib.__file__)'
 	$(NB_ENV) $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not recent_torch" $(OLDEST_TESTS)
+
+# The repository's own files: the workflows (actionlint, pinned in requirements.txt; shellcheck
+# and pyflakes integrations off, so that the result does not depend on what else is installed)
+# and CITATION.cff (tools/check_citation.py, offline).
+lint-repo: $(STAMP)
+	@$(BIN)/actionlint -no-color -shellcheck= -pyflakes= .github/workflows/*.yml
+	@echo "actionlint $$($(BIN)/actionlint -version | head -1 | awk '{print $$NF}'): .github/workflows/*.yml clean"
+	@$(PYTHON) tools/check_citation.py
+
+# One setting: _config.yml's repository.url; every copy of it is rewritten (tools/repository.py).
+# Standard library only: runs before any venv exists.
+repository:
+	@$(PY) tools/repository.py "$(URL)"
+
+# The unit tests against the newest torch on the package index, with bnlib installed from a wheel
+# built from this checkout, in a fresh venv (removed first). `python -P` keeps the checkout off
+# sys.path, so the tests import the installed bnlib. TORCH (default: the newest release) and
+# PIP_ARGS (e.g. another index) pass through to pip. README, "The newest torch".
+NEWEST_VENV ?= /tmp/bnlib-newest-torch
+TORCH ?= torch
+test-newest-torch: data
+	rm -rf $(NEWEST_VENV)
+	$(PY) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/pip wheel -q --no-deps -w $(NEWEST_VENV)/wheels .
+	$(NEWEST_VENV)/bin/pip install -q $(PIP_ARGS) --upgrade "$(TORCH)" numpy matplotlib tqdm pytest keras \
+	  $(NEWEST_VENV)/wheels/bnlib-*.whl
+	@$(NEWEST_VENV)/bin/python -P -c 'import bnlib, sys, torch; \
+	  assert sys.prefix in bnlib.__file__, bnlib.__file__; \
+	  print(f"==> torch {torch.__version__}, bnlib from {bnlib.__file__}")'
+	@SECONDS=0; $(NB_ENV) $(NEWEST_VENV)/bin/python -P -m pytest -q -p no:cacheprovider tests; \
+	  echo "==> unit tests passed on torch $$($(NEWEST_VENV)/bin/python -c 'import torch; print(torch.__version__)') in $${SECONDS}s"
 
 bench: $(STAMP)
 	$(PYTHON) -m bnlib.lab.bench

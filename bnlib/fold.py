@@ -30,6 +30,7 @@ Public API
     a :class:`LinearFoldGuard`, below) and the layer before it gets the folded
     weight and a (possibly new) bias. With ``strict=True`` a :class:`FoldError`
     lists every BN that cannot be folded, by qualified name and reason.
+
 ``count_batchnorms(model) -> int`` (``len(bnlib.layers.bn_layers(model))``), ``is_batchnorm(module) -> bool``.
 
 How "directly follows" is decided

@@ -154,7 +154,7 @@ class ChannelMoments:
         self.m2: Tensor | None = None
 
     def update(self, x: Tensor) -> ChannelMoments:
-        """Add a batch ``x`` of shape (N, C, *); statistics per channel (dim 1)."""
+        """Add a batch ``x`` of shape ``(N, C, *)``; statistics per channel (dim 1)."""
         x = x.detach().to(torch.float64)
         mean_b, var_b, n_b = _batch_moments(x)
         m2_b = var_b * n_b

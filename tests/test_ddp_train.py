@@ -127,3 +127,10 @@ def test_compare_norms_and_run_ddp_tiny():
     again = launch.run_ddp(norm="sync", timeout_s=120, **kw)
     assert again["test_accuracy"] == runs["sync"]["test_accuracy"]
     assert again["loss_curve"] == runs["sync"]["loss_curve"]
+
+
+@needs_gloo
+def test_a_failing_replica_is_reported_with_its_traceback():
+    """A replica that raises leaves with status 1; the launcher's error quotes the replica's traceback."""
+    with pytest.raises(RuntimeError, match=r"(?s)failed: ProcessExitedException.*ghost_batch=2 must divide"):
+        launch.run_ddp(norm="ghost", batch_per_replica=3, ghost_batch=2, steps=1, backend="gloo", timeout_s=60)

@@ -65,6 +65,18 @@ RAW_TEX = [
     re.compile(r"\\begin\{"),
     re.compile(r"\$[^$\n]*\\[A-Za-z]+[^$\n]*\$"),
 ]
+# reStructuredText that Sphinx should have rendered, looked for in the visible text outside code
+# of the API reference: inline literals, roles, directives, link targets, and a Google-style
+# "Args:" section that napoleon did not turn into a parameter list.
+RAW_RST = [
+    re.compile(r"``"),
+    re.compile(r":[a-z]+(:[a-z]+)?:`"),
+    re.compile(r"(^|\n)\s*\.\. [a-z-]+::"),
+    re.compile(r"`[^`\n]+`__?\b"),
+    re.compile(r"(^|\n)\s*(Keyword )?Args:\s*(\n|$)"),
+]
+# The API reference: pages whose source documents modules with autodoc (one automodule each).
+AUTOMODULE = re.compile(r"^\s*\.\. automodule::\s*(\S+)", re.M)
 # Math in the source of a page (markdown or notebook markdown cells).
 SOURCE_MATH = re.compile(r"\$\$|\$[^$\n]+\$|\{math\}|\\begin\{|```\{?math")
 
@@ -147,6 +159,7 @@ class Visit:
     images: list[dict] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     screenshot: str = ""
+    ids: list[str] = field(default_factory=list)
 
 
 _MATH_JS = """() => {
@@ -256,6 +269,7 @@ def visit(server, browser):
                                              .map(a => a.href)"""),
                 screenshot=str(shot),
                 cells=page.evaluate(_CELLS_JS),
+                ids=page.evaluate("() => Array.from(document.querySelectorAll('[id]')).map(el => el.id)"),
             )
         finally:
             page.close()
@@ -406,3 +420,55 @@ def test_exercise_solutions_collapsed(visit, docname):
     assert cells["solutions"] > 0, f"{docname}: no exercise solutions (dropdown admonitions) on the page"
     assert cells["solutions_open"] == 0, (
         f"{docname}: {cells['solutions_open']} of {cells['solutions']} exercise solutions are shown expanded")
+
+
+def _api_modules(docname: str) -> list[str]:
+    source = source_of(docname)
+    return AUTOMODULE.findall(source.read_text()) if source is not None else []
+
+
+API_PAGES = [p for p in PAGES if _api_modules(p)]
+
+
+def test_toc_has_api_reference():
+    assert API_PAGES, "no page of _toc.yml documents bnlib's modules (`.. automodule::` blocks): the API reference"
+
+
+@pytest.mark.parametrize("docname", API_PAGES)
+def test_api_documents_every_exported_name(visit, docname):
+    """Every name in the __all__ of each module on the page has its anchor (``module.name``)."""
+    import importlib
+
+    ids = set(visit(docname).ids)
+    missing = []
+    for module in _api_modules(docname):
+        names = getattr(importlib.import_module(module), "__all__", None)
+        assert names, f"{docname}: {module} has no __all__ (the API page documents what it exports)"
+        missing += [f"{module}.{name}" for name in names if f"{module}.{name}" not in ids]
+    assert not missing, f"{docname}: exported names without an entry (anchor) on the page:\n  " + "\n  ".join(missing)
+
+
+@pytest.mark.parametrize("docname", API_PAGES)
+def test_api_has_no_raw_rst(visit, docname):
+    text = visit(docname).math["text"]
+    problems = []
+    for pattern in RAW_RST:
+        hits = [text[max(0, m.start() - 40):m.end() + 40].replace("\n", " ") for m in pattern.finditer(text)]
+        if hits:
+            problems.append(f"raw reStructuredText matching {pattern.pattern!r}: {hits[:5]}")
+    assert not problems, f"{docname} (fix the docstring):\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("text, raw", [
+    ("BatchNorm2d(num_features, eps=1e-05) Applies Batch Normalization over a 4D input.", False),
+    ("Parameters: x – the input. Returns: the output (N, C, *).", False),
+    ("the shape ``(N, C)`` of x", True),
+    ("see :class:`bnlib.BatchNorm2d` for details", True),
+    ("see :py:func:`fold_batchnorm`", True),
+    ("intro\n.. note:: this was not parsed", True),
+    ("the `paper`_ says", True),
+    ("Folds BN.\n  Args:\n    model: the model", True),
+])
+def test_raw_rst_patterns(text, raw):
+    """The patterns the API page is checked with, on rendered and unrendered text."""
+    assert any(p.search(text) for p in RAW_RST) == raw

@@ -5,15 +5,16 @@
    _config.yml (`%pip install -q "bnlib @ git+<repository.url>"`).
 2. A wheel is built from the checkout and installed, with the pinned runtime
    dependencies from requirements.txt, into a fresh virtual environment; then
-   a chapter (by default the one whose stored outputs took the least time to
-   produce) is copied into a temporary directory outside the repository and
+   a chapter (by default the quickest one, by the time its stored outputs took
+   to produce, among the chapters that train a model through bnlib: see
+   `trains`) is copied into a temporary directory outside the repository and
    executed there with that environment's own kernel. The kernel must import
    bnlib from the wheel (not from the checkout) and no cell may fail.
 
 Environment overrides (for development):
   BOOK_COLAB_NOTEBOOKS  os.pathsep-separated notebooks to use instead of chapters/*.ipynb
   BOOK_COLAB_EXECUTE    "all", or comma-separated notebook names (stems) to execute
-                        (default: the quickest one)
+                        (default: the quickest chapter that trains)
 """
 
 from __future__ import annotations
@@ -206,6 +207,79 @@ def _stored_runtime(path: Path) -> float:
     return total if timed else float("inf")
 
 
+# ------------------------------------------------------- which chapter runs
+
+# The kit's training loop (bnlib.lab.training): the front end and the loop itself.
+TRAINING_LOOP = {"fit", "train_loop"}
+
+
+def _code_trees(nb) -> list[ast.AST]:
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    trees = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        try:
+            trees.append(ast.parse(TransformerManager().transform_cell(cell.source)))
+        except SyntaxError:
+            continue
+    return trees
+
+
+def _root_name(node: ast.AST) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def trains(nb) -> bool:
+    """Does the notebook train a model through bnlib?
+
+    True when a code cell calls the kit's training loop -- ``fit(...)`` or ``train_loop(...)``
+    imported from a bnlib module, or reached as an attribute of one (``training.fit(...)``,
+    ``bnlib.lab.training.train_loop(...)``) -- or takes optimisation steps by hand: it calls
+    ``.backward(...)`` and an optimizer's ``.step(...)``. Plotting stored records, or calling a
+    ``fit`` that is not bnlib's (e.g. Keras's ``model.fit``), does not count.
+    """
+    loop_names, bnlib_modules, methods = set(), set(), set()
+    trees = _code_trees(nb)
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bnlib":
+                for alias in node.names:
+                    bound = alias.asname or alias.name
+                    (loop_names if alias.name in TRAINING_LOOP else bnlib_modules).add(bound)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "bnlib":
+                        bnlib_modules.add(alias.asname or "bnlib")
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in loop_names:
+                loop_names.discard(node.name)  # redefined locally: no longer bnlib's
+    for tree in trees:
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            if isinstance(f, ast.Name) and f.id in loop_names:
+                return True
+            if isinstance(f, ast.Attribute):
+                methods.add(f.attr)
+                if f.attr in TRAINING_LOOP and _root_name(f.value) in bnlib_modules:
+                    return True
+    return {"backward", "step"} <= methods
+
+
+def _quickest_training_chapter(paths: list[Path]) -> Path:
+    training = [p for p in paths if trains(nbformat.read(p, as_version=4))]
+    assert training, (
+        "no chapter trains a model through bnlib (calls fit/train_loop, or .backward() and .step()): "
+        f"{[p.name for p in paths]}")
+    return min(training, key=lambda p: (_stored_runtime(p), p.stat().st_size))
+
+
 def _to_execute() -> list[Path]:
     if not NOTEBOOKS:
         return []
@@ -215,7 +289,7 @@ def _to_execute() -> list[Path]:
     if choice:
         names = {c.strip() for c in choice.split(",")}
         return [p for p in NOTEBOOKS if p.stem in names]
-    return [min(NOTEBOOKS, key=lambda p: (_stored_runtime(p), p.stat().st_size))]
+    return [_quickest_training_chapter(NOTEBOOKS)]
 
 
 def _run(cmd, **kw):
@@ -335,3 +409,54 @@ def test_chapter_runs_outside_the_repository(colab_env, notebook, tmp_path, requ
                f"{notebook.name} executed in {elapsed:.0f}s (torch {info['torch']})")
     print(summary)
     request.config.stash.setdefault(SUMMARY, []).append(summary)
+
+
+# --------------------------------------------------- the choice of chapter
+
+
+def _notebook(*sources: str, seconds: float = 1.0):
+    """A notebook whose code cells are ``sources``, each stored as taking ``seconds``."""
+    nb = nbformat.v4.new_notebook()
+    for src in sources:
+        cell = nbformat.v4.new_code_cell(src)
+        cell.metadata["execution"] = {"iopub.execute_input": "2026-01-01T00:00:00.000000Z",
+                                      "shell.execute_reply": f"2026-01-01T00:00:{seconds:09.6f}Z"}
+        nb.cells.append(cell)
+    return nb
+
+
+@pytest.mark.parametrize("sources, expected", [
+    (["from bnlib.lab.training import fit", "h = fit(model, data, steps=10)"], True),
+    (["from bnlib.lab import training", "h = training.fit(model, data)"], True),
+    (["import bnlib.lab.training", "bnlib.lab.training.train_loop(model, batches, step, plan)"], True),
+    (["from bnlib.lab.training import train_loop as loop", "loop(m, b, s, p)"], True),
+    (["loss = model(x).sum()\nloss.backward()\nopt.step()"], True),
+    (["from bnlib.lab import plots", "plots.figure(records)"], False),  # plots stored records
+    (["import keras", "model.fit(x, y, epochs=1)"], False),  # not bnlib's fit
+    (["from bnlib.lab import training", "y = layer(x)\ny.sum().backward()"], False),  # gradients, no step
+    (["from bnlib.lab.training import fit", "def fit(m):\n    pass", "fit(model)"], False),  # a local fit
+])
+def test_trains(sources, expected):
+    assert trains(_notebook(*sources)) == expected
+
+
+def test_selection_is_the_quickest_chapter_that_trains(tmp_path):
+    plots = _notebook("from bnlib.lab import plots", "plots.show(records)", seconds=1)
+    slow = _notebook("from bnlib.lab.training import fit", "fit(model, data)", seconds=50)
+    quick = _notebook("from bnlib.lab import training", "training.train_loop(m, b, s, p)", seconds=20)
+    paths = []
+    for name, nb in (("plots", plots), ("slow", slow), ("quick", quick)):
+        paths.append(tmp_path / f"{name}.ipynb")
+        nbformat.write(nb, paths[-1])
+    assert _stored_runtime(paths[0]) < _stored_runtime(paths[2]) < _stored_runtime(paths[1])
+    assert _quickest_training_chapter(paths).stem == "quick"
+    with pytest.raises(AssertionError, match="no chapter trains"):
+        _quickest_training_chapter(paths[:1])
+
+
+def test_the_chapter_run_trains():
+    """The chapter this test executes by default trains, and no quicker chapter does."""
+    chosen = _quickest_training_chapter(NOTEBOOKS)
+    assert trains(nbformat.read(chosen, as_version=4))
+    quicker = [p for p in NOTEBOOKS if _stored_runtime(p) < _stored_runtime(chosen)]
+    assert not any(trains(nbformat.read(p, as_version=4)) for p in quicker)

@@ -46,10 +46,13 @@ From a shell (``run_ddp``'s training only)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -394,26 +397,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _leave(code: int) -> None:
+    """End this replica's process now, with exit status ``code``, once its output is flushed.
+
+    A replica's work is done when its process group is destroyed, but the interpreter's own exit
+    still tears down what torch.distributed's backends left behind (their C++ objects and
+    threads, in an order Python does not control); on recent torch releases that tear-down can
+    abort a process that finished its work ("terminate called without an active exception",
+    SIGABRT), which the launcher would report as a failed replica. ``os._exit`` skips it, as
+    multiprocessing does for its forked workers; the results are already on disk.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _run_replica(rank: int, world: int, port: int, job: str, cfg: dict, outdir: str, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    backend, device_type = pick_backend(world, cfg.get("backend"))
+    device = _replica_device(device_type, rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        result = _JOBS[job](cfg, device)
+        if rank == 0:
+            Path(outdir, "result.json").write_text(json.dumps(result))
+        dist.barrier()  # no replica leaves while another still communicates
+    finally:
+        gc.collect()  # the job's DDP wrappers and their reducers let go of the group first
+        dist.destroy_process_group()
+
+
 def _spawn_entry(rank: int, world: int, port: int, job: str, cfg: dict, outdir: str, timeout_s: float) -> None:
     # Keep the replica's output (e.g. backend warnings) out of the caller's notebook: to a log file.
     log = os.open(os.path.join(outdir, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     try:
-        torch.set_num_threads(1)
-        backend, device_type = pick_backend(world, cfg.get("backend"))
-        device = _replica_device(device_type, rank)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
-        try:
-            result = _JOBS[job](cfg, device)
-            if rank == 0:
-                Path(outdir, "result.json").write_text(json.dumps(result))
-        finally:
-            dist.destroy_process_group()
+        _run_replica(rank, world, port, job, cfg, outdir, timeout_s)
     except BaseException:
         Path(outdir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+        _leave(1)
+    _leave(0)
 
 
 def _launch(job: str, cfg: dict, timeout_s: float) -> dict:
@@ -599,4 +625,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Under torchrun too, a replica that has finished leaves without the exit-time tear-down.
+    try:
+        code = main()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    _leave(code)
