@@ -9,6 +9,7 @@ The package has two parts, visible in its file tree:
   - ``functional``     ``batch_norm`` in plain tensor operations with a closed-form backward
   - ``modules``        ``BatchNorm1d/2d/3d``, drop-in replacements for torch.nn's
   - ``variants``       LayerNorm, GroupNorm, InstanceNorm, Batch Renorm, Ghost BN, Batch Layer Norm
+  - ``rmsnorm``        RMSNorm (per-token root-mean-square normalization, as in transformers)
   - ``recurrent``      per-time-step BN for recurrent networks
   - ``distributed``    ``SyncBatchNorm`` on torch.distributed (gloo on CPU, NCCL on GPU)
   - ``running_stats``  momentum conventions (PyTorch, Keras, Flax) and Precise BN
@@ -29,6 +30,7 @@ from .fold import fold_batchnorm
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .recurrent import StepBatchNorm, recompute_step_stats
+from .rmsnorm import RMSNorm
 from .variants import (
     BatchLayerNorm,
     BatchRenorm1d,
@@ -50,4 +52,5 @@ __all__ = [
     "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "recompute_step_stats",
     "reference", "renorm_schedule", "running_stats",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm",
+    "RMSNorm",
 ]
