@@ -15,6 +15,7 @@ The package has two parts, visible in its file tree:
   - ``running_stats``  momentum conventions (PyTorch, Keras, Flax) and Precise BN
   - ``fold``           folding BN into the preceding Conv/Linear for inference
   - ``frozen``         frozen BN (fixed statistics, γ/β optionally trainable) for fine-tuning
+  - ``inplace_abn``    In-Place Activated BN: BN + leaky ReLU that keeps only its output for the backward
   - ``layers``         which modules count as batch-statistics layers (one definition)
 
 * **the lab kit** -- the subpackage ``bnlib.lab``: data, models, the training loop, probes and
@@ -28,6 +29,7 @@ from . import functional, layers, reference, running_stats
 from .distributed import SyncBatchNorm
 from .fold import fold_batchnorm
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_batchnorm
+from .inplace_abn import InPlaceABN
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .recurrent import StepBatchNorm, recompute_step_stats
 from .rmsnorm import RMSNorm
@@ -48,7 +50,7 @@ from .variants import (
 
 __all__ = [
     "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
-    "GhostBatch", "GhostBatchNorm1d", "GhostBatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
+    "GhostBatch", "GhostBatchNorm1d", "InPlaceABN", "GhostBatchNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
     "StepBatchNorm", "SyncBatchNorm", "apply_renorm_schedule", "fold_batchnorm", "functional", "layers", "recompute_step_stats",
     "reference", "renorm_schedule", "running_stats",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze_batchnorm",

@@ -302,7 +302,7 @@ def _seed_values(v: Any, metric: str) -> list[tuple[float, bool]]:
     if isinstance(v, (list, tuple)):
         return [_value(x, metric) for x in v]
     if hasattr(v, "values") and not hasattr(v, "test_acc") and not isinstance(v, Mapping):
-        return [_value(x, metric) for x in v.values]      # a bnlib.lab.seeds.Spread
+        return [_value(x, metric) for x in v.values]      # a bnlib.lab.protocol.Spread
     return [_value(v, metric)]
 
 
@@ -312,7 +312,7 @@ def plot_lr_sweep(results, ax=None, metric: str = "final_acc", label: str | None
 
     Args:
         results: ``{lr: point}`` for one curve, or ``{label: {lr: point}}`` for several. A point is a
-            History, a number, or several seeds of them (a list, or a :class:`bnlib.lab.seeds.Spread`):
+            History, a number, or several seeds of them (a list, or a :class:`bnlib.lab.protocol.Spread`):
             then the mean is drawn with error bars of one sample standard deviation; a point is drawn as
             diverged only when every seed diverged (the others' mean is shown otherwise).
         metric: attribute read from each History (``'final_acc'``, ``'best_acc'``).
