@@ -9,6 +9,7 @@ import bnlib
 from bnlib.lab import tasks as T
 from bnlib.lab.training import seed_everything
 from bnlib.lab.transformer import (
+    BatchStatProbe,
     CausalTransformer,
     SequenceBatchNorm,
     answer_accuracy,
@@ -235,3 +236,52 @@ def test_device_agnostic(dev):
     for s in ("batch", "prefix", "running"):
         assert token_losses(model, b, s).device.type == dev
     assert generate(model, b.tokens[0, :5], 4).shape == (4,)
+
+
+# ---------------------------------------------------------------------------------------------- fluctuation probe
+
+def _deviation(rows, layer):
+    var, mean = torch.var_mean(rows.double(), 0, correction=0)
+    rm, rv = layer.running_mean.double(), layer.running_var.double()
+    return ((mean - rm) ** 2 / rv).mean().item(), ((var / rv - 1) ** 2).mean().item()
+
+
+def test_batch_stat_probe_sequence_bn():
+    torch.manual_seed(0)
+    layer = SequenceBatchNorm(4)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+        layer.running_var.copy_(torch.tensor([1.0, 2.0, 0.5, 4.0]))
+    x = torch.randn(3, 5, 4) * 2 + 1
+    mask = torch.rand(3, 5, generator=gen(1)) > 0.3
+    expected = _deviation(x[mask], layer)  # the running statistics before this batch's update
+    with BatchStatProbe(layer) as probe:
+        layer(x, mask)
+        layer.eval()
+        layer(x, mask)  # evaluation passes are not recorded
+        layer.train()
+        with probe.recording(7):
+            layer(x)  # no mask: every position
+    assert probe.steps == [0, 7]
+    assert probe.mean_dev[0] == pytest.approx(expected[0], rel=1e-6)
+    assert probe.var_dev[0] == pytest.approx(expected[1], rel=1e-6)
+    assert not probe.attached and probe.to_dict()["mean_dev"] == probe.mean_dev
+    with pytest.raises(ValueError, match="running statistics"):
+        BatchStatProbe(torch.nn.LayerNorm(4))
+
+
+def test_batch_stat_probe_bn2d_and_training_loops():
+    layer = bnlib.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, generator=gen(2)) * 3
+    probe = BatchStatProbe(layer)
+    expected = _deviation(x.transpose(0, 1).reshape(3, -1).T, layer)
+    layer(x)
+    assert probe.mean_dev[0] == pytest.approx(expected[0], rel=1e-6)
+    assert probe.var_dev[0] == pytest.approx(expected[1], rel=1e-6)
+    probe.remove()
+    task = T.SequenceTask("copy", vocab=6, length=4)
+    model = small(task, "bn")
+    probe = BatchStatProbe(model.blocks[0].norm1, active=False)
+    train_lm(model, task, steps=6, batch_size=4, seed=0, probes=[probe], probe_every=2, dev="cpu")
+    assert probe.steps == [0, 2, 4] and not probe.active
+    assert all(v > 0 for v in probe.mean_dev + probe.var_dev)

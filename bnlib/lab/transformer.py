@@ -30,7 +30,7 @@ cross-entropy step, :func:`train_lm`. Nothing fixes a device: the model follows 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
@@ -41,11 +41,12 @@ from ..layers import preserved_state
 from ..modules import BatchNorm1d
 from ..rmsnorm import RMSNorm
 from ..variants import LayerNorm
+from .probes import Probe
 from .tasks import ANSWER, Batch, SequenceTask
 from .training import History, Plan, Step, batch_statistics, device, train_loop
 
 __all__ = ["NORMS", "SequenceBatchNorm", "make_token_norm", "CausalTransformer", "LMStep", "train_lm",
-           "logits", "token_losses", "generate", "answer_accuracy", "STATS"]
+           "logits", "token_losses", "generate", "answer_accuracy", "STATS", "BatchStatProbe"]
 
 NormSpec = Union[None, str, Callable[[int], nn.Module]]
 
@@ -187,13 +188,15 @@ class LMStep(Step):
 
 def train_lm(model: CausalTransformer, task: SequenceTask, *, steps: int, batch_size: int = 32, lr: float = 3e-3,
              weight_decay: float = 0.0, seed: int = 0, masked_stats: bool = True, eval_every: int | None = None,
-             eval_batch: Batch | None = None, dev: str | torch.device | None = None) -> History:
+             eval_batch: Batch | None = None, dev: str | torch.device | None = None,
+             probes: Sequence[Probe] = (), probe_every: int = 1) -> History:
     """Train ``model`` on batches of ``task`` with AdamW through :func:`bnlib.lab.training.train_loop`.
 
     Batch ``i`` is drawn from a generator seeded with ``seed`` (the model's weights are seeded by the
     caller). ``masked_stats=False`` leaves the padding mask out of the forward, so BN's statistics include
     padded positions. The History's ``test_acc`` is :func:`answer_accuracy` on ``eval_batch`` (default: 256
-    sequences from seed ``10_000``), teacher-forced in evaluation mode. Returns the History.
+    sequences from seed ``10_000``), teacher-forced in evaluation mode. ``probes`` (e.g. :class:`BatchStatProbe`)
+    are switched on for every ``probe_every``-th update. Returns the History.
     """
     dev = device(dev)
     model.to(dev)
@@ -210,8 +213,9 @@ def train_lm(model: CausalTransformer, task: SequenceTask, *, steps: int, batch_
     hist = History(config={"model": "CausalTransformer", "task": repr(task), "steps": steps,
                            "batch_size": batch_size, "lr": lr, "seed": seed, "masked_stats": masked_stats,
                            "device": str(dev)})
-    return train_loop(model, batches, LMStep(model, opt), Plan(total=steps, eval_every=every, loss_every=every),
-                      lambda m: answer_accuracy(m, held_out), hist)
+    plan = Plan(total=steps, eval_every=every, loss_every=every, probe_every=probe_every)
+    return train_loop(model, batches, LMStep(model, opt), plan, lambda m: answer_accuracy(m, held_out), hist,
+                      probes=list(probes))
 
 
 def _to(batch: Batch, dev: torch.device) -> Batch:
@@ -272,3 +276,49 @@ def answer_accuracy(model: CausalTransformer, batch: Batch, stats: str = "runnin
     pred = logits(model, batch, stats).argmax(-1).cpu()
     answer = batch.part == ANSWER
     return ((pred == batch.targets) & answer).sum().item() / max(1, answer.sum().item())
+
+
+class BatchStatProbe(Probe):
+    r"""How far a BN layer's batch statistics stray from its running ones during training (Shen et al. 2020).
+
+    Hooked before ``layer``'s forward, on every training-mode pass while the probe is active, it records, over
+    the layer's channels :math:`c = 1..C`,
+
+    .. math::
+        d_\mu = \frac{1}{C}\sum_c \frac{(\mu_{B,c} - \hat\mu_c)^2}{\hat\sigma^2_c}, \qquad
+        d_{\sigma^2} = \frac{1}{C}\sum_c \Big(\frac{\sigma^2_{B,c}}{\hat\sigma^2_c} - 1\Big)^2,
+
+    with :math:`\mu_B, \sigma^2_B` the statistics the layer normalizes this batch with (biased variance, over
+    the real tokens for a :class:`SequenceBatchNorm` given a mask, over ``N, H, W`` for a ``BatchNorm2d``) and
+    :math:`\hat\mu, \hat\sigma^2` its running statistics before the update. Both are in units of the running
+    spread, so layers of different networks and scales compare. Records: ``steps``, ``mean_dev`` (:math:`d_\mu`),
+    ``var_dev`` (:math:`d_{\sigma^2}`).
+    """
+
+    _records = ("steps", "mean_dev", "var_dev")
+
+    def __init__(self, layer: nn.Module, active: bool = True) -> None:
+        super().__init__(active)
+        if getattr(layer, "running_mean", None) is None:
+            raise ValueError(f"BatchStatProbe expected a BN layer with running statistics, got {type(layer).__name__}")
+        self.mean_dev: list[float] = []
+        self.var_dev: list[float] = []
+        self._add_hook(layer.register_forward_pre_hook(self._hook))
+
+    def _hook(self, layer: nn.Module, args: tuple) -> None:
+        if not (self.active and layer.training):
+            return
+        x = args[0].detach()
+        if isinstance(layer, SequenceBatchNorm):
+            mask = args[1] if len(args) > 1 else None
+            rows = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
+        else:  # (N, C, *): channels in dim 1
+            rows = x.transpose(0, 1).reshape(x.shape[1], -1).T
+        var, mean = torch.var_mean(rows.float(), 0, correction=0)  # σ²_B, μ_B per channel
+        run_mean, run_var = layer.running_mean.float(), layer.running_var.float()
+        self.steps.append(self._next_step())
+        self.mean_dev.append(((mean - run_mean) ** 2 / run_var).mean().item())  # d_μ
+        self.var_dev.append(((var / run_var - 1) ** 2).mean().item())  # d_σ²
+
+    def to_dict(self) -> dict[str, object]:
+        return {"steps": list(self.steps), "mean_dev": list(self.mean_dev), "var_dev": list(self.var_dev)}
