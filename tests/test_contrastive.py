@@ -89,3 +89,19 @@ def test_linear_probe():
     assert C.linear_probe((f[:300], y[:300]), (f[300:], y[300:])) == 1.0
     noise = torch.randn(400, 6, generator=g)  # features that say nothing about the label
     assert C.linear_probe((noise[:300], y[:300]), (noise[300:], y[300:])) < 0.35
+
+
+def test_pretext_accuracy_same_weights_two_groupings(monkeypatch):
+    torch.manual_seed(0)
+    enc = C.Encoder("bn", width=8)
+    x = digits(32)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    a = C.pretext_accuracy(enc, x, groups=4, shuffle=False, generator=gen(1))
+    b = C.pretext_accuracy(enc, x, groups=4, shuffle=False, generator=gen(1))
+    assert a == b and 0.0 <= a <= 1.0 and enc.training
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # no trace in the buffers
+    # identical views (no noise, no shift): every query's nearest key is its own under either grouping for GN
+    gn = C.Encoder("gn", width=8)
+    monkeypatch.setattr(C, "augment", lambda images, generator: images)
+    assert C.pretext_accuracy(gn, x, groups=4, shuffle=True, generator=gen(2)) == 1.0
+    assert C.pretext_accuracy(enc, x, groups=4, shuffle=False, generator=gen(2)) == 1.0

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import make_norm
-from .training import History, Plan, Step, device, train_loop
+from .training import History, Plan, Step, batch_statistics, device, train_loop
 
-__all__ = ["MODES", "augment", "Encoder", "MocoStep", "train_moco", "features", "linear_probe", "probe_accuracy"]
+__all__ = ["MODES", "augment", "Encoder", "MocoStep", "train_moco", "features", "linear_probe", "probe_accuracy",
+           "pretext_accuracy"]
 
 #: The normalizations :func:`train_moco` compares.
 MODES = ("bn", "shuffle", "gn")
@@ -184,3 +185,22 @@ def probe_accuracy(encoder: Encoder, data: Sequence[tuple[Tensor, Tensor]], n_tr
     (xtr, ytr), (xte, yte) = data
     return linear_probe((features(encoder, xtr[:n_train]), ytr[:n_train]),
                         (features(encoder, xte[:n_test]), yte[:n_test]))
+
+
+def pretext_accuracy(encoder: Encoder, x: Tensor, *, groups: int, shuffle: bool, generator: torch.Generator) -> float:
+    """How often a query finds its own key among the keys of the batch, with the batch statistics of training.
+
+    Two views of the images ``x`` are encoded by ``encoder`` in training mode (without a trace:
+    :func:`bnlib.lab.training.batch_statistics`), in ``groups`` sub-batches: the queries in order, the keys in the
+    same grouping (``shuffle=False``) or cut from a random permutation (``shuffle=True``). Returns the fraction of
+    queries whose most similar key is their own. With BN, a key grouped with its query shares its statistics, and
+    the other groups' keys do not: comparing the two groupings on the same weights shows how much the encoder's
+    accuracy rests on that.
+    """
+    dev = next(encoder.parameters()).device
+    view_q, view_k = augment(x, generator).to(dev), augment(x, generator).to(dev)
+    order = torch.randperm(len(x), generator=generator).to(dev) if shuffle else None
+    with batch_statistics(encoder):
+        q = F.normalize(_grouped(encoder, view_q, groups), dim=1)
+        k = F.normalize(_grouped(encoder, view_k, groups, order), dim=1)
+    return ((q @ k.T).argmax(1) == torch.arange(len(x), device=dev)).float().mean().item()
