@@ -1,5 +1,7 @@
 """bnlib.lab.contrastive: views, grouped and shuffled encoding, the MoCo update, the linear probe."""
 
+import copy
+
 import pytest
 import torch
 
@@ -53,19 +55,25 @@ def test_moco_step_updates_queue_and_key_encoder():
     torch.manual_seed(0)
     enc = C.Encoder("bn", width=8, dim=4)
     opt = torch.optim.SGD(enc.parameters(), lr=0.1)
-    step = C.MocoStep(enc, opt, mode="shuffle", groups=2, queue=12, tau=0.2, momentum=0.9, generator=gen(0))
+    moco = C.MoCo(enc, mode="shuffle", groups=2, queue=12, tau=0.2, momentum=0.9, generator=gen(0))
+    assert all(not p.requires_grad for p in moco.key_encoder.parameters())
     x = digits(4)
-    old_queue = step.queue.clone()
-    key_before = [p.clone() for p in step.key_encoder.parameters()]
-    loss = step((C.augment(x, gen(1)), C.augment(x, gen(2))), torch.zeros(4, dtype=torch.long))
-    assert loss.ndim == 0 and torch.isfinite(loss) and len(step.accuracy) == 1
-    assert torch.equal(step.queue[4:], old_queue[:8])  # the 4 new keys first, the oldest 4 dropped
-    torch.testing.assert_close(step.queue[:4].norm(dim=1), torch.ones(4))
-    for kb, ka, q in zip(key_before, step.key_encoder.parameters(), enc.parameters()):
-        torch.testing.assert_close(ka, 0.9 * kb + 0.1 * q.detach())  # k ← m·k + (1 − m)·q
-        assert not ka.requires_grad
+    views = C.augment(x, gen(1)), C.augment(x, gen(2))
+    with torch.no_grad():
+        scores = C.MoCo(copy.deepcopy(enc), mode="bn", groups=2, queue=12, tau=0.2, momentum=0.9,
+                        generator=gen(0))(*views)
+    assert scores.shape == (4, 13)  # the positive, then the 12 queued keys
+    old_queue = moco.queue.clone()
+    key_before = [p.clone() for p in moco.key_encoder.parameters()]
+    loss = C.MocoStep(moco, opt)(views, torch.zeros(4, dtype=torch.long))
+    assert loss.ndim == 0 and torch.isfinite(loss) and len(moco.accuracy) == 1
+    assert torch.equal(moco.queue[4:], old_queue[:8])  # the 4 new keys first, the oldest 4 dropped
+    torch.testing.assert_close(moco.queue[:4].norm(dim=1), torch.ones(4))
+    assert "queue" in dict(moco.named_buffers())
+    for kb, ka, q in zip(key_before, moco.key_encoder.parameters(), enc.parameters()):
+        torch.testing.assert_close(ka, 0.9 * kb + 0.1 * q.detach())  # k ← m·k + (1 − m)·q, after the step
     with pytest.raises(ValueError, match="mode"):
-        C.MocoStep(enc, opt, mode="sync", groups=2, queue=8, tau=0.2, momentum=0.9, generator=gen(0))
+        C.MoCo(enc, mode="sync", groups=2, queue=8, tau=0.2, momentum=0.9, generator=gen(0))
 
 
 @pytest.mark.parametrize("dev", DEVICES)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .models import make_norm
 from .training import History, Plan, Step, batch_statistics, device, train_loop
 
-__all__ = ["MODES", "augment", "Encoder", "MocoStep", "train_moco", "features", "linear_probe", "probe_accuracy",
+__all__ = ["MODES", "augment", "Encoder", "MoCo", "MocoStep", "train_moco", "features", "linear_probe", "probe_accuracy",
            "pretext_accuracy"]
 
 #: The normalizations :func:`train_moco` compares.
@@ -76,47 +76,62 @@ def _grouped(encoder: nn.Module, x: Tensor, groups: int, order: Tensor | None = 
     return torch.empty_like(out).index_copy_(0, order, out)  # out[j] belongs to example order[j]
 
 
-class MocoStep(Step):
-    """One MoCo update: InfoNCE of the queries against their keys and the queue, the query encoder's step, the
-    key encoder's moving average (``k ← m·k + (1 − m)·q``), and the keys of this batch into the queue.
+class MoCo(nn.Module):
+    """The pretext task as a classifier: ``moco(view_q, view_k)`` returns the scores ``(N, 1 + K)`` of each query
+    against its positive key (column 0) and the ``K`` queued negatives, divided by τ, so that InfoNCE is the
+    cross-entropy with label 0 and a training step is the book's one update, :class:`bnlib.lab.training.Step`.
 
-    ``inputs`` are the two views ``(view_q, view_k)``; the labels are unused. ``accuracy`` holds, per update,
-    the fraction of queries whose positive key scored above every negative (a tensor on the device).
+    The queries come from ``encoder`` (trained), the keys from ``key_encoder``, a copy of it that follows by a
+    moving average (:meth:`update`, after each optimizer step) and is never trained by gradient. Both encode the
+    batch in ``groups`` sub-batches; ``mode`` (:data:`MODES`) says how the keys are grouped. ``accuracy`` holds,
+    per forward pass, the fraction of queries whose positive scored above every negative (tensors on the device).
     """
 
-    def __init__(self, model: Encoder, optimizer: torch.optim.Optimizer, *, mode: str, groups: int, queue: int,
-                 tau: float, momentum: float, generator: torch.Generator) -> None:
-        super().__init__(model, optimizer)
+    def __init__(self, encoder: Encoder, *, mode: str, groups: int, queue: int, tau: float, momentum: float,
+                 generator: torch.Generator) -> None:
+        super().__init__()
         if mode not in MODES:
             raise ValueError(f"expected mode in {MODES}, got {mode!r}")
+        self.encoder = encoder
+        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.mode, self.groups, self.tau, self.m, self.gen = mode, groups, tau, momentum, generator
-        self.key_encoder = copy.deepcopy(model).requires_grad_(False)
-        dim = model.head.out_features
-        dev = next(model.parameters()).device
-        self.queue = F.normalize(torch.randn(queue, dim, generator=generator), dim=1).to(dev)
+        dev = next(encoder.parameters()).device
+        self.register_buffer("queue", F.normalize(torch.randn(queue, encoder.head.out_features, generator=generator),
+                                                  dim=1).to(dev))
+        self.keys: Tensor | None = None
         self.accuracy: list[Tensor] = []
 
-    def __call__(self, inputs: tuple[Tensor, ...], labels: Tensor) -> Tensor:
-        view_q, view_k = inputs
-        q = F.normalize(_grouped(self.model, view_q, self.groups), dim=1)
+    def forward(self, view_q: Tensor, view_k: Tensor) -> Tensor:
+        q = F.normalize(_grouped(self.encoder, view_q, self.groups), dim=1)
         with torch.no_grad():
             order = (torch.randperm(len(view_k), generator=self.gen).to(view_k.device) if self.mode == "shuffle"
                      else None)
             self.key_encoder.train()
-            k = F.normalize(_grouped(self.key_encoder, view_k, self.groups, order), dim=1)
-        positive = (q * k).sum(1, keepdim=True)  # q·k₊, (N, 1)
+            self.keys = F.normalize(_grouped(self.key_encoder, view_k, self.groups, order), dim=1)
+        positive = (q * self.keys).sum(1, keepdim=True)  # q·k₊, (N, 1)
         negative = q @ self.queue.T  # q·k₋ for the queue, (N, K)
         scores = torch.cat([positive, negative], 1) / self.tau
-        loss = F.cross_entropy(scores, torch.zeros(len(q), dtype=torch.long, device=q.device))  # the positive is 0
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            for pk, pq in zip(self.key_encoder.parameters(), self.model.parameters()):
-                pk.lerp_(pq, 1 - self.m)  # k ← m·k + (1 − m)·q
-            self.queue = torch.cat([k, self.queue[:-len(k)]])  # newest keys first, oldest dropped
-            self.accuracy.append((scores.argmax(1) == 0).float().mean())
-        return loss.detach()
+        self.accuracy.append((scores.detach().argmax(1) == 0).float().mean())
+        return scores
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After an optimizer step: ``k ← m·k + (1 − m)·q`` for every parameter, and this batch's keys into the
+        queue (newest first, the oldest dropped)."""
+        for pk, pq in zip(self.key_encoder.parameters(), self.encoder.parameters()):
+            pk.lerp_(pq, 1 - self.m)
+        assert self.keys is not None
+        self.queue = torch.cat([self.keys, self.queue[:-len(self.keys)]])
+
+
+class MocoStep(Step):
+    """One MoCo update: :class:`bnlib.lab.training.Step` on the :class:`MoCo` scores (InfoNCE, the positive is
+    label 0; the optimizer holds the query encoder's parameters), then :meth:`MoCo.update`."""
+
+    def __call__(self, inputs: tuple[Tensor, ...], labels: Tensor) -> Tensor:
+        loss = super().__call__(inputs, labels)
+        self.model.update()
+        return loss
 
 
 def train_moco(x: Tensor, mode: str, *, steps: int = 300, batch_size: int = 128, groups: int = 4, queue: int = 1024,
@@ -134,20 +149,22 @@ def train_moco(x: Tensor, mode: str, *, steps: int = 300, batch_size: int = 128,
     model = Encoder("gn" if mode == "gn" else "bn", width=width).to(dev)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    step = MocoStep(model, opt, mode=mode, groups=groups, queue=queue, tau=tau, momentum=momentum, generator=gen)
+    moco = MoCo(model, mode=mode, groups=groups, queue=queue, tau=tau, momentum=momentum, generator=gen)
 
     def batches(i: int):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
         images = x[idx]
-        return (augment(images, gen).to(dev), augment(images, gen).to(dev)), torch.zeros(batch_size, dtype=torch.long)
+        views = augment(images, gen).to(dev), augment(images, gen).to(dev)
+        return views, torch.zeros(batch_size, dtype=torch.long, device=dev)  # the positive is score 0
 
     every = max(1, steps // 10)
     hist = History(config={"model": "Encoder", "mode": mode, "steps": steps, "batch_size": batch_size,
                            "groups": groups, "queue": queue, "tau": tau, "lr": lr, "seed": seed, "device": str(dev)})
     plan = Plan(total=steps, eval_every=every, loss_every=every, evaluate_first=False)
-    recent = lambda m: torch.stack(step.accuracy[-every:]).mean().item()  # noqa: E731 (pretext accuracy)
-    train_loop(model, batches, step, plan, recent, hist)
-    return model, hist, [a.item() for a in step.accuracy]
+    recent = lambda m: torch.stack(moco.accuracy[-every:]).mean().item()  # noqa: E731 (pretext accuracy)
+    train_loop(moco, batches, MocoStep(moco, opt), plan, recent, hist)
+    model.train()
+    return model, hist, [a.item() for a in moco.accuracy]
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ measurements below make that visible on a :class:`bnlib.lab.tasks.SequenceTask`:
   the future) and ``'running'`` (evaluation mode);
 * :func:`generate`: greedy token-by-token generation, one sequence at a time (batch size 1, evaluation mode).
 
-Training goes through the book's one loop (:func:`bnlib.lab.training.train_loop`) with a next-token
-cross-entropy step, :func:`train_lm`. Nothing fixes a device: the model follows ``.to(device)``.
+Training goes through the book's one loop (:func:`bnlib.lab.training.train_loop`) and its one update, on the
+logits of every token (:class:`TokenLogits`): :func:`train_lm`. Nothing fixes a device: the model follows ``.to(device)``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .probes import Probe
 from .tasks import ANSWER, Batch, SequenceTask
 from .training import History, Plan, Step, batch_statistics, device, train_loop
 
-__all__ = ["NORMS", "SequenceBatchNorm", "make_token_norm", "CausalTransformer", "LMStep", "train_lm",
+__all__ = ["NORMS", "SequenceBatchNorm", "make_token_norm", "CausalTransformer", "TokenLogits", "train_lm",
            "logits", "token_losses", "generate", "answer_accuracy", "STATS", "BatchStatProbe"]
 
 NormSpec = Union[None, str, Callable[[int], nn.Module]]
@@ -172,18 +172,17 @@ class CausalTransformer(nn.Module):
         return self.head(_norm(self.norm, x, mask))
 
 
-class LMStep(Step):
-    """One update of next-token training: cross-entropy over the non-ignored targets of ``(N, T)``."""
+class TokenLogits(nn.Module):
+    """``model``'s logits with the batch and time axes merged, ``(N·T, vocab_size)``: next-token training is then
+    the book's one update, :class:`bnlib.lab.training.Step` (cross-entropy against the flattened targets, whose
+    ``IGNORE`` entries it skips)."""
 
-    def __call__(self, inputs: tuple[Tensor, ...], labels: Tensor) -> Tensor:
-        logits = self.model(*inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())  # mean over the real targets
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-        self.optimizer.step()
-        return loss.detach()
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.model(*inputs).flatten(0, 1)
 
 
 def train_lm(model: CausalTransformer, task: SequenceTask, *, steps: int, batch_size: int = 32, lr: float = 3e-3,
@@ -206,7 +205,7 @@ def train_lm(model: CausalTransformer, task: SequenceTask, *, steps: int, batch_
     def batches(i: int):
         b = task.sample(batch_size, gen)
         inputs = (b.tokens.to(dev), b.mask.to(dev)) if masked_stats else (b.tokens.to(dev),)
-        return inputs, b.targets.to(dev)
+        return inputs, b.targets.flatten().to(dev)  # one target per token, IGNORE at padding
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     every = eval_every or max(1, steps // 10)
@@ -214,7 +213,7 @@ def train_lm(model: CausalTransformer, task: SequenceTask, *, steps: int, batch_
                            "batch_size": batch_size, "lr": lr, "seed": seed, "masked_stats": masked_stats,
                            "device": str(dev)})
     plan = Plan(total=steps, eval_every=every, loss_every=every, probe_every=probe_every)
-    return train_loop(model, batches, LMStep(model, opt), plan, lambda m: answer_accuracy(m, held_out), hist,
+    return train_loop(model, batches, Step(TokenLogits(model), opt), plan, lambda m: answer_accuracy(m, held_out), hist,
                       probes=list(probes))
 
 
