@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -121,8 +122,9 @@ def _mixing_hook(source_mean: Tensor, source_var: Tensor, pseudo_count: float) -
         with torch.no_grad():
             var_t, mean_t = torch.var_mean(x.detach().to(source_mean.dtype), dim=dims, correction=0)
             w = 1.0 if math.isinf(pseudo_count) else pseudo_count / (pseudo_count + n)   # w = N / (N + n)
-            module.running_mean.copy_(w * source_mean + (1 - w) * mean_t)   # μ = (N μ_s + n μ_t) / (N + n)
-            module.running_var.copy_(w * source_var + (1 - w) * var_t)      # σ² = (N σ_s² + n σ_t²) / (N + n)
+            running_mean, running_var = cast(Tensor, module.running_mean), cast(Tensor, module.running_var)
+            running_mean.copy_(w * source_mean + (1 - w) * mean_t)   # μ = (N μ_s + n μ_t) / (N + n)
+            running_var.copy_(w * source_var + (1 - w) * var_t)      # σ² = (N σ_s² + n σ_t²) / (N + n)
     return hook
 
 
@@ -160,8 +162,9 @@ def source_target_mix(model: nn.Module, pseudo_count: float) -> Iterator[nn.Modu
                          f"got {pseudo_count!r}")
     with preserved_state(model, parameters=True):
         model.eval()
-        hooks = [m.register_forward_pre_hook(_mixing_hook(m.running_mean.detach().clone(),
-                                                          m.running_var.detach().clone(), float(pseudo_count)))
+        hooks = [m.register_forward_pre_hook(_mixing_hook(cast(Tensor, m.running_mean).detach().clone(),
+                                                          cast(Tensor, m.running_var).detach().clone(),
+                                                          float(pseudo_count)))
                  for m in layers.values()]
         try:
             yield model
@@ -236,7 +239,7 @@ def tent(model: nn.Module, *, optimizer: str = "adam", lr: float | None = None,
         :class:`Tent`: call it on each test batch in turn.
     """
     layers = _check_model(model, "tent", tracking=False)
-    params = [p for m in layers.values() for p in (m.weight, m.bias) if p is not None]
+    params = [cast(nn.Parameter, p) for m in layers.values() for p in (m.weight, m.bias) if p is not None]
     if not params:
         raise ValueError("tent(): the model's BN layers have no γ/β (affine=False); there is nothing to train")
     if optimizer not in ("adam", "sgd"):

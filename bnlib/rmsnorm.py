@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 
-from .variants import _affine, _check_tensor, _stats_input
+from .core import apply_affine, check_tensor, to_stat_dtype
 
 __all__ = ["RMSNorm"]
 
-_ShapeLike = Union[int, Sequence[int], torch.Size]
+_ShapeLike = int | Sequence[int] | torch.Size
 
 
 class RMSNorm(nn.Module):
@@ -56,9 +55,9 @@ class RMSNorm(nn.Module):
     def __init__(self, normalized_shape: _ShapeLike, eps: float | None = None, elementwise_affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        shape: Sequence[int] = ((int(normalized_shape),) if isinstance(normalized_shape, (int, numbers.Integral))
+                                else normalized_shape)
+        self.normalized_shape = tuple(int(s) for s in shape)
         if not self.normalized_shape or any(s < 1 for s in self.normalized_shape):
             raise ValueError(f"RMSNorm expected a non-empty normalized_shape of positive sizes, "
                              f"got {self.normalized_shape}")
@@ -77,18 +76,18 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
-        _check_tensor(self, input)
+        check_tensor(type(self).__name__, input)
         k = len(self.normalized_shape)
         if input.dim() < k or tuple(input.shape[input.dim() - k:]) != self.normalized_shape:
             expected = ", ".join(["*"] + [str(s) for s in self.normalized_shape])
             raise ValueError(f"RMSNorm: given normalized_shape={list(self.normalized_shape)}, expected input with "
                              f"shape [{expected}], but got input of size {list(input.shape)}")
-        xs = _stats_input(input)  # float32 for float16/bfloat16 (torch's opmath type)
+        xs = to_stat_dtype(input)  # float32 for float16/bfloat16 (torch's opmath type)
         eps = torch.finfo(xs.dtype).eps if self.eps is None else self.eps
         dims = list(range(input.dim() - k, input.dim()))
         ms = xs.pow(2).mean(dims, keepdim=True)  # mean square  (1/n) Σ x_j²  per example
         xhat = xs * torch.rsqrt(ms + eps)  # x̂ = x / √(mean square + ε)
-        return _affine(xhat, self.weight, None, self.normalized_shape).to(input.dtype)  # y = γ ⊙ x̂
+        return apply_affine(xhat, self.weight, None, self.normalized_shape).to(input.dtype)  # y = γ ⊙ x̂
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
