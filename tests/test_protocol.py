@@ -192,3 +192,4 @@ def test_the_worked_example_of_the_measuring_page():
     for i, block in enumerate(blocks):
         runner.run(parser.get_doctest(block, {}, f"measuring.md[{i}]", str(page), 0))
     assert runner.summarize(verbose=False).failed == 0
+
