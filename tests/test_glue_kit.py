@@ -7,7 +7,7 @@ myst_nb = pytest.importorskip("myst_nb")
 
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
-from bnlib.lab.glue import glue  # noqa: E402
+from bnlib.lab.glue import glue, plain  # noqa: E402
 
 
 def _published(fn, *args, **kw):
@@ -34,3 +34,15 @@ def test_outside_ipython_does_nothing(capsys):
     InteractiveShell.clear_instance()
     glue("key", 1.0)
     assert capsys.readouterr().out == ""
+
+
+def test_numpy_and_torch_scalars_are_stored_as_python_numbers():
+    import numpy as np
+    import torch
+
+    for value, python in [(np.float64(0.25), 0.25), (np.float32(0.5), 0.5), (np.int64(7), 7), (np.array(1.5), 1.5),
+                          (torch.tensor(0.75), 0.75), (torch.tensor(3), 3), (torch.tensor(2.0, requires_grad=True), 2.0)]:
+        assert _published(glue, "key", value) == _published(glue, "key", python)
+        assert type(plain(value)) is type(python)
+    for kept in (np.array([1.0, 2.0]), torch.tensor([1.0]), "0.5", [1, 2]):
+        assert plain(kept) is kept

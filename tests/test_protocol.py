@@ -1,6 +1,7 @@
 """The book's statistical protocol: t quantiles, intervals, verdicts and the comparison seeds."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -177,3 +178,18 @@ def test_seeds_refuse_bad_n(monkeypatch):
     for bad in (0, -2, 2.0, True):
         with pytest.raises(ValueError, match="positive integer"):
             seeds(bad)
+
+
+def test_the_worked_example_of_the_measuring_page():
+    """measuring.md's example runs and prints what the page shows."""
+    import doctest
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "measuring.md"
+    blocks = re.findall(r"```pycon\n(.*?)```", page.read_text(), re.S)
+    assert blocks, "the page's worked example"
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for i, block in enumerate(blocks):
+        runner.run(parser.get_doctest(block, {}, f"measuring.md[{i}]", str(page), 0))
+    assert runner.summarize(verbose=False).failed == 0
+

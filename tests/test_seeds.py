@@ -50,3 +50,15 @@ def test_plot_lr_sweep_error_bars_from_seeds():
     line = ax.get_lines()[0]
     assert list(line.get_ydata()) == pytest.approx([0.9, 0.5])
     assert ax.containers, "error bars expected"
+
+
+def test_one_colour_per_method():
+    colours = list(plots.METHOD_COLORS.values())
+    assert len(set(colours)) == len(colours), "two methods share a colour"
+    for name, colour in plots.METHOD_COLORS.items():
+        assert plots.color_for(name) == colour
+        assert plots.color_for(f"with {name}") == colour
+    assert plots.color_for("no BN") == plots.color_for("without BN") == plots.NO_BN_COLOR
+    assert plots.color_for("GroupNorm") == plots.color_for("gn") == plots.METHOD_COLORS["GN"]
+    assert plots.color_for("Batch Renorm") == plots.NORM_COLORS["brn"]
+    assert plots.color_for("something else", 2) == plots.PALETTE[2]

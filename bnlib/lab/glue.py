@@ -14,21 +14,30 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["glue"]
+__all__ = ["glue", "plain"]
 
 #: The MIME-type prefix myst-nb gives a value that is glued but not displayed.
 GLUE_PREFIX = "application/papermill.record/"
 
 
+def plain(value: Any) -> Any:
+    """Returns the Python number a NumPy scalar or a 0-dim array/tensor holds (``.item()``); anything else as is."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == ():
+        return item()
+    return value
+
+
 def glue(name: str, value: Any, display: bool = False) -> None:
     """Store ``value``'s display form in the notebook under ``name``, for ``{glue:text}`name` `` in markdown.
 
-    Glue plain Python numbers (``float(x)``, ``int(n)``): a NumPy or torch scalar is stored as its repr
-    (``np.float64(...)``), which myst-nb cannot format with ``:.1f``.
+    A NumPy scalar, a 0-dim NumPy array or a 0-dim torch tensor is stored as the plain Python number it holds
+    (``.item()``), so ``{glue:text}`name:.1f` `` can format it (their own repr, ``np.float64(...)``, cannot be).
 
     Args:
         name: the key, unique within the notebook.
-        value: the value; what is stored is what the notebook would display for it.
+        value: the value; what is stored is what the notebook would display for it (for a scalar of NumPy or
+            torch, for the Python number it holds).
         display: also show the value in the cell's output (default False: stored only).
 
     Returns:
@@ -42,7 +51,7 @@ def glue(name: str, value: Any, display: bool = False) -> None:
         return
     if get_ipython() is None:
         return
-    mimebundle, metadata = format_display_data(value)
+    mimebundle, metadata = format_display_data(plain(value))
     prefix = "" if display else GLUE_PREFIX
     metadata["scrapbook"] = {"name": name, "mime_prefix": prefix}
     ipy_display({prefix + k: v for k, v in mimebundle.items()}, raw=True, metadata=metadata)

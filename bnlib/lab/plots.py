@@ -2,8 +2,10 @@
 
 * the style: :func:`apply_style` (or ``with style():``), :data:`RC`, the colour-blind-safe Okabe-Ito
   :data:`PALETTE`, the fixed pair :data:`BN_COLOR` / :data:`NO_BN_COLOR` for "with BN" against
-  "without", and one colour per normalization in :data:`NORM_COLORS`; :func:`subplots` sizes a figure
-  by its panels;
+  "without", and one colour per method book-wide: :data:`METHOD_COLORS` by the name a figure shows
+  ("BN", "no BN", "LN", "GN", ...), :data:`NORM_COLORS` by ``make_norm``'s name, :func:`color_for` for
+  either (a variant of a method, e.g. "BN + noise", keeps its method's colour and differs by line
+  style); :func:`subplots` sizes a figure by its panels;
 * the plots: training curves of several runs (:func:`plot_curves`), percentiles over training as a
   band around the median (:func:`plot_percentiles`, Figure 1 (b, c) of Ioffe & Szegedy 2015), a grid
   of histograms (:func:`plot_histograms`), a learning-rate sweep (:func:`plot_lr_sweep`; several seeds per
@@ -31,6 +33,7 @@ __all__ = [
     "BN_COLOR",
     "NO_BN_COLOR",
     "NORM_COLORS",
+    "METHOD_COLORS",
     "RC",
     "apply_style",
     "style",
@@ -61,6 +64,27 @@ NORM_COLORS = {
     "brn": "#56B4E9",     # sky blue
     "bln": "#000000",     # black
     "ghost": "#999999",   # grey
+}
+
+#: The one colour of each method in every figure of the book, by the name figures and legends use.
+METHOD_COLORS = {
+    "BN": BN_COLOR,
+    "no BN": NO_BN_COLOR,
+    "GN": NORM_COLORS["gn"],
+    "LN": NORM_COLORS["ln"],
+    "IN": NORM_COLORS["in"],
+    "Batch Renorm": NORM_COLORS["brn"],
+    "BLN": NORM_COLORS["bln"],
+    "GhostBN": NORM_COLORS["ghost"],
+}
+
+# Other spellings of those names (lower case), as chapters write them in legends.
+_ALIASES = {
+    "batchnorm": "bn", "batch norm": "bn", "batch normalization": "bn", "torch.nn bn": "bn", "bnlib bn": "bn",
+    "groupnorm": "gn", "group norm": "gn", "layernorm": "ln", "layer norm": "ln", "instancenorm": "in",
+    "instance norm": "in", "batch renorm": "brn", "batchrenorm": "brn", "ghost bn": "ghost", "ghostbn": "ghost",
+    "ghost batchnorm": "ghost", "ghostbatchnorm": "ghost", "no bn": "none", "without bn": "none",
+    "baseline": "none", "no norm": "none", "no normalization": "none",
 }
 
 #: The rcParams of the book's style.
@@ -106,18 +130,17 @@ def style() -> Iterator[None]:
 
 
 def color_for(label: Any, index: int = 0) -> str:
-    """Colour for a curve: the norm's colour if ``label`` names one (case and
-    a leading 'with '/'no ' are ignored: 'BN', 'with BN' -> BN_COLOR,
-    'no BN', 'without BN', 'baseline' -> NO_BN_COLOR), else ``PALETTE[index]``.
+    """Colour for a curve: its method's colour if ``label`` names one (:data:`METHOD_COLORS`,
+    :data:`NORM_COLORS`; case and a leading 'with ' are ignored: 'BN', 'with BN' -> BN_COLOR,
+    'no BN', 'without BN', 'baseline' -> NO_BN_COLOR, 'GroupNorm' -> GN's colour), else ``PALETTE[index]``.
 
     Returns:
         str: a hex colour.
     """
     text = str(label).strip().lower()
-    if text in ("no bn", "without bn", "baseline", "no norm", "no normalization"):
-        return NO_BN_COLOR
     if text.startswith("with "):
         text = text[5:]
+    text = _ALIASES.get(text, text)
     if text in NORM_COLORS:
         return NORM_COLORS[text]
     return PALETTE[index % len(PALETTE)]
