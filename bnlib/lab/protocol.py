@@ -38,7 +38,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Comparison", "Spread", "ci", "paired", "seeds", "t_cdf", "t_quantile", "welch"]
+__all__ = ["Comparison", "Spread", "ci", "mean_std", "paired", "seeds", "t_cdf", "t_quantile", "welch"]
 
 #: The environment variable whose comma-separated integers replace the comparison seeds.
 SEEDS_ENV = "BNLIB_SEEDS"
@@ -137,6 +137,12 @@ class Spread:
 
     def __str__(self) -> str:
         return f"{self.mean:.4g} ± {self.std:.2g} (n={self.n})"
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Returns the mean and the sample standard deviation (``ddof=1``) of ``values``, as plain floats."""
+    s = Spread(values)
+    return s.mean, s.std
 
 
 def _number(v) -> float:
