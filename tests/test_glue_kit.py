@@ -40,8 +40,9 @@ def test_numpy_and_torch_scalars_are_stored_as_python_numbers():
     import numpy as np
     import torch
 
-    for value, python in [(np.float64(0.25), 0.25), (np.float32(0.5), 0.5), (np.int64(7), 7), (np.array(1.5), 1.5),
-                          (torch.tensor(0.75), 0.75), (torch.tensor(3), 3), (torch.tensor(2.0, requires_grad=True), 2.0)]:
+    cases = [(np.float64(0.25), 0.25), (np.float32(0.5), 0.5), (np.int64(7), 7), (np.array(1.5), 1.5),
+             (torch.tensor(0.75), 0.75), (torch.tensor(3), 3), (torch.tensor(2.0, requires_grad=True), 2.0)]
+    for value, python in cases:
         assert _published(glue, "key", value) == _published(glue, "key", python)
         assert type(plain(value)) is type(python)
     for kept in (np.array([1.0, 2.0]), torch.tensor([1.0]), "0.5", [1, 2]):
