@@ -92,7 +92,7 @@ class InPlaceABN(BatchNormBase):
         negative_slope: the leaky ReLU's slope for negative inputs; must be positive (invertible). Default 0.01.
         eps: ε added to the variance. Default 1e-5.
         momentum: weight of the newest batch in the running averages (``None``: cumulative). Default 0.1.
-        min_abs_gamma: below this |γ| a training step keeps x̂ instead of inverting the affine map. Default 1e-3.
+        min_abs_gamma: below this ``|γ|`` a training step keeps x̂ instead of inverting the affine map. Default 1e-3.
     """
 
     affine_in_eval = False  # a leaky ReLU follows the affine map: nothing to fold into the layer before

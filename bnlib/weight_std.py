@@ -172,9 +172,10 @@ class ScaledStdLinear(_ScaledStd, nn.Linear):
 class ScaledStdConv2d(_ScaledStd, nn.Conv2d):
     """``nn.Conv2d`` with scaled weight standardization (each filter standardized over ``in/groups · kh · kw``).
 
+    The arguments are ``nn.Conv2d``'s (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``,
+    ``dilation``, ``groups``, ``bias``, ``padding_mode``, ``device``, ``dtype``), plus:
+
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            device, dtype: as ``nn.Conv2d``.
         nonlinearity, eps: as :class:`ScaledStdLinear`.
 
     Attributes:
