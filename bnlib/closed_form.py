@@ -54,12 +54,15 @@ def batch_norm_train(input: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Training-mode BN: ``forward(x, weight, bias, eps)`` returns ``(y, mean, var)``, the batch mean and *biased*
-    variance per channel (non-differentiable, for the running averages). ``weight``, ``bias`` may be ``None``."""
+    """Training-mode BN: ``forward(x, weight, bias, eps, update=None)`` returns ``(y, mean, var)``, the batch mean
+    and *biased* variance per channel (non-differentiable, for the running averages). ``weight``, ``bias`` may be
+    ``None``; ``update(mean, var)`` runs before anything is saved (:func:`bnlib.core.running_stats_updater`)."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, update=None):
         y, mean, var = batch_norm_train(input, weight, bias, eps)
+        if update is not None:
+            update(mean, var)
         ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
         ctx.save_for_backward(input, weight)  # x̂ is recomputed: the backward's own graph then reaches x
         ctx.mark_non_differentiable(mean, var)
@@ -68,7 +71,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean: Tensor, _dvar: Tensor):
         input, weight = ctx.saved_tensors
-        return backward(input, weight, dy, ctx.eps, ctx.bias_dtype) + (None,)
+        return backward(input, weight, dy, ctx.eps, ctx.bias_dtype) + (None, None)
 
 
 def backward(input: Tensor, weight: Tensor | None, dy: Tensor, eps: float,

@@ -21,7 +21,7 @@ passes call them.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -30,7 +30,7 @@ from torch import Tensor
 __all__ = [
     "LOW_PRECISION", "apply_affine", "channel_shape", "check_batch", "check_bn_input", "check_size", "check_tensor",
     "empty_batch", "in_torch_layout", "memory_format", "reduce_dims", "shape_str", "stat_dtype", "to_stat_dtype",
-    "update_running_stats", "update_running_stats_steps", "DimCheck",
+    "running_stats_updater", "update_running_stats", "update_running_stats_steps", "DimCheck",
 ]
 
 #: Input dtypes normalized with float32 statistics (as cuDNN and PyTorch do).
@@ -249,6 +249,22 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     if running_var is not None:
         unbiased = var.to(running_var.dtype).view(running_var.shape) * (m / (m - 1))  # m/(m−1)·σ²_B
         running_var.lerp_(unbiased, momentum)  # (1 − w)·r + w·m/(m−1)·σ²_B
+
+
+def running_stats_updater(running_mean: Tensor | None, running_var: Tensor | None, m: int,
+                          momentum: float) -> Callable[[Tensor, Tensor], None]:
+    """:func:`update_running_stats` bound to a layer's buffers, ``update(mean, var)``, for an autograd Function to call
+    inside its forward, *before* it saves tensors for the backward.
+
+    Why there: activation checkpointing recomputes a forward during the backward, and its non-reentrant mode stops
+    the recompute at the last tensor the original forward saved. torch.nn's kernels update their buffers before
+    they save, so the recompute counts the batch *and* updates the statistics a second time; an update made after
+    the Function returned would be skipped there while the batch is still counted.
+    """
+    def update(mean: Tensor, var: Tensor) -> None:
+        with torch.no_grad():  # the running averages are never part of a graph
+            update_running_stats(running_mean, running_var, mean, var, m, momentum)
+    return update
 
 
 def update_running_stats_steps(running_mean: Tensor, running_var: Tensor, means: Tensor, variances: Tensor, m: int,

@@ -50,6 +50,7 @@ When a graph of the backward itself is requested (``create_graph=True``), the ba
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy
 import torch
@@ -73,18 +74,19 @@ LARGE_BUFFER_BYTES = 4 * 2**20
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode BN: forward with batch statistics, closed-form backward.
 
-    ``forward(x, weight, bias, eps)`` returns ``(y, mean, var)`` where ``mean`` and the *biased* ``var`` are the
-    batch statistics per channel (float32 or float64), non-differentiable, returned so the caller can update
-    running statistics without computing them twice. ``weight`` and ``bias`` may be ``None``. ``x`` must have
-    at least one value per channel (the empty batch is handled by
-    :func:`bnlib.functional.batch_norm_core`).
+    ``forward(x, weight, bias, eps, update=None)`` returns ``(y, mean, var)`` where ``mean`` and the *biased*
+    ``var`` are the batch statistics per channel (float32 or float64), non-differentiable. ``update(mean, var)``,
+    when given, updates the running averages with them inside the forward, before anything is saved
+    (:func:`bnlib.core.running_stats_updater` says why). ``weight`` and ``bias`` may be ``None``. ``x`` must have at
+    least one value per channel (the empty batch is handled by :func:`bnlib.functional.batch_norm_core`).
 
     Per-channel quantities have the shape that broadcasts against ``x`` (:func:`_per_channel`), and every sum
     or mean is over the ``m`` values of a channel (:func:`_channel_sum`).
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    def forward(ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                update: Callable[[Tensor, Tensor], None] | None = None):
         x = _as(input, stat_dtype(input))  # float32 for half-precision input, converted once
         m = x.numel() // x.shape[1]
         inv_m = _constant(1.0 / m, x)
@@ -112,11 +114,13 @@ class BatchNormFunction(torch.autograd.Function):
         else:
             offset = None if bias is None else _per_channel(bias, x)
         y = _affine(d, scale, offset, out=y)  # d·scale + offset
+        mean_out, var_out = _flat(shift), _flat(var)  # (C,), as returned; μ_B ≈ K to the precision of a float
+        if update is not None:
+            update(mean_out, var_out)  # the running averages, before anything is saved
         ctx.eps = eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(input, weight, shift, delta, rstd, scale, d if keep_centred else None)
         ctx.set_materialize_grads(False)  # no zero tensors for the gradients of mean and var (never used)
-        mean_out, var_out = _flat(shift), _flat(var)  # (C,), as returned; μ_B ≈ K to the precision of a float
         ctx.mark_non_differentiable(mean_out, var_out)
         return _as(y, input.dtype), mean_out, var_out
 
@@ -124,9 +128,9 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None, _dmean, _dvar):
         x, weight, shift, delta, rstd, scale, d = ctx.saved_tensors
         if dy is None:  # y took no part in the loss
-            return None, None, None, None
+            return None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
-            return closed_form.backward(x, weight, dy, ctx.eps, ctx.bias_dtype) + (None,)
+            return closed_form.backward(x, weight, dy, ctx.eps, ctx.bias_dtype) + (None, None)
         input_dtype = x.dtype
         x, dy = _as(x, shift.dtype), _as(dy, shift.dtype)  # float32 for half precision, converted once
         # The two reductions Σg and Σ g x̂ with x̂ = (x − μ_B) / √(σ²_B + ε), from centred data (no cancellation).
@@ -155,7 +159,7 @@ class BatchNormFunction(torch.autograd.Function):
             grad_weight = _as(_flat(sum_gxhat), weight.dtype)  # ∂L/∂γ = Σ g x̂
         if ctx.needs_input_grad[2]:
             grad_bias = _as(_flat(sum_g), ctx.bias_dtype)  # ∂L/∂β = Σg
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,7 +53,15 @@ import torch
 from torch import Tensor
 
 from . import closed_form, fast
-from .core import channel_shape, check_bn_input, empty_batch, in_torch_layout, stat_dtype, update_running_stats
+from .core import (
+    channel_shape,
+    check_bn_input,
+    empty_batch,
+    in_torch_layout,
+    running_stats_updater,
+    stat_dtype,
+    update_running_stats,
+)
 
 __all__ = ["batch_norm", "batch_norm_core", "check_bn_input", "use_closed_form"]
 
@@ -120,17 +128,8 @@ def batch_norm_core(input: Tensor, running_mean: Tensor | None, running_var: Ten
     if input.numel() == 0:  # an empty batch: nothing to normalize, no statistics to learn from (as torch.nn)
         return empty_batch(input, weight, bias)
     if torch.jit.is_scripting():
-        y, mean, var = _differentiable(input, weight, bias, eps)
-    else:
-        y, mean, var = _train(input, running_mean, weight, bias, eps)
-    m = input.numel() // input.shape[1]
-    if (running_mean is not None and running_mean.requires_grad) or (running_var is not None
-                                                                      and running_var.requires_grad):
-        with torch.no_grad():
-            update_running_stats(running_mean, running_var, mean, var, m, momentum)
-    else:  # the statistics are not differentiable: no graph is recorded (and no context is needed)
-        update_running_stats(running_mean, running_var, mean, var, m, momentum)
-    return y
+        return _differentiable_with_update(input, running_mean, running_var, weight, bias, momentum, eps)
+    return _train(input, running_mean, running_var, weight, bias, momentum, eps)
 
 
 def _differentiable(input: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -140,15 +139,29 @@ def _differentiable(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     return in_torch_layout(y, input), mean.detach(), var.detach()
 
 
-def _train(input: Tensor, running_mean: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-           eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode ``(y, mean, var)`` outside TorchScript: the tuned Function, the plain one, or plain operations."""
+def _differentiable_with_update(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                                weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float) -> Tensor:
+    """:func:`_differentiable`, then the running averages (TorchScript and ``torch.func`` transforms)."""
+    y, mean, var = _differentiable(input, weight, bias, eps)
+    with torch.no_grad():
+        update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
+    return y
+
+
+def _train(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+           bias: Tensor | None, momentum: float, eps: float) -> Tensor:
+    """The training mode outside TorchScript: an autograd Function (the tuned one, or the closed form's under
+    :func:`use_closed_form`), or plain operations under a ``torch.func`` transform.
+
+    The Function updates the running averages before it saves tensors (:func:`bnlib.core.running_stats_updater`).
+    """
     if _transformed(input, running_mean):
-        return _differentiable(input, weight, bias, eps)
+        return _differentiable_with_update(input, running_mean, running_var, weight, bias, momentum, eps)
+    update = running_stats_updater(running_mean, running_var, input.numel() // input.shape[1], momentum)
     if _plain[0]:
-        y, mean, var = closed_form.BatchNormFunction.apply(input, weight, bias, eps)
-        return in_torch_layout(y, input), mean, var
-    return fast.BatchNormFunction.apply(input, weight, bias, eps)
+        y, _, _ = closed_form.BatchNormFunction.apply(input, weight, bias, eps, update)
+        return in_torch_layout(y, input)
+    return fast.BatchNormFunction.apply(input, weight, bias, eps, update)[0]
 
 
 def _transformed(input: Tensor, running_mean: Tensor | None) -> bool:

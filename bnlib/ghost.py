@@ -75,15 +75,15 @@ class GhostBatchNormBase(DimCheck, BatchNormBase):
                              f"got virtual_batch_size={vbs} with input of shape {tuple(input.shape)}")
         ghosts, dims = ghost_batches(input, vbs)  # (k, vbs, C, *spatial): ghost batch j = rows j·vbs …
         var, mean = torch.var_mean(ghosts, dims, correction=0, keepdim=True)  # μ_j, σ²_j per ghost batch, channel
-        xhat = ((ghosts - mean) * torch.rsqrt(var + self.eps)).reshape(input.shape)  # (x − μ_j)/√(σ²_j + ε)
-        y = apply_affine(xhat, self.weight, self.bias, channel_shape(input)).to(input.dtype)  # one shared γ, β
         if self.training and self.track_running_stats:
-            # one running-statistics step per ghost batch, in order
+            # one running-statistics step per ghost batch, in order, before the output is computed
+            # (core.running_stats_updater says why activation checkpointing needs that order)
             momenta = self._count_batches_and_weights(len(ghosts))
             assert self.running_mean is not None and self.running_var is not None  # track_running_stats
             with torch.no_grad():
                 update_running_stats_steps(self.running_mean, self.running_var, mean, var, per_ghost, momenta)
-        return y
+        xhat = ((ghosts - mean) * torch.rsqrt(var + self.eps)).reshape(input.shape)  # (x − μ_j)/√(σ²_j + ε)
+        return apply_affine(xhat, self.weight, self.bias, channel_shape(input)).to(input.dtype)  # one shared γ, β
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"

@@ -28,12 +28,14 @@ Evaluation mode is ``leaky_relu`` of BN's fixed affine map (Algorithm 2), as for
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .closed_form import input_gradient
-from .core import channel_shape, check_batch, reduce_dims, shape_str, stat_dtype, update_running_stats
+from .core import channel_shape, check_batch, reduce_dims, running_stats_updater, shape_str, stat_dtype
 from .modules import BatchNormBase
 
 __all__ = ["InPlaceABN"]
@@ -43,7 +45,8 @@ class InPlaceABNFunction(torch.autograd.Function):
     """Training-mode ``leaky_relu(batch_norm(x))`` that saves its output, not its input, for the backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, slope: float, keep_xhat: bool):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, slope: float, keep_xhat: bool,
+                update: Callable[[Tensor, Tensor], None] | None = None):
         dims, shape = reduce_dims(x), channel_shape(x)
         xs = x.to(stat_dtype(x))                                       # float32 arithmetic for half inputs
         var, mean = torch.var_mean(xs, dim=dims, correction=0)        # μ_B, σ²_B (biased): Algorithm 1
@@ -51,6 +54,8 @@ class InPlaceABNFunction(torch.autograd.Function):
         xhat = (xs - mean.view(shape)) * inv_std.view(shape)           # x̂ = (x − μ_B)/√(σ²_B + ε)
         y = torch.addcmul(bias.view(shape), xhat, weight.view(shape))  # y = γ x̂ + β
         z = F.leaky_relu(y, slope)                                     # z = y (y ≥ 0), s·y (y < 0)
+        if update is not None:  # the running averages, before saving (core.running_stats_updater says why)
+            update(mean, var)
         # Saved for the backward: z (or, where γ is too small to invert, x̂) and per-channel numbers only.
         ctx.save_for_backward(xhat if keep_xhat else z, weight, bias, inv_std)
         ctx.keep_xhat, ctx.slope, ctx.dims, ctx.shape = keep_xhat, slope, dims, shape
@@ -76,7 +81,7 @@ class InPlaceABNFunction(torch.autograd.Function):
         sum_gx = (g * xhat).sum(dims, keepdim=True)                    # Σ ∂L/∂y·x̂ = ∂L/∂γ
         # BN's closed form (the boxed formula): ∂L/∂x = γ/√(σ²_B+ε) · (g − Σg/m − x̂·Σ(g x̂)/m)
         gx = input_gradient(g, xhat, (weight * inv_std).view(shape), sum_g, sum_gx, m)
-        return gx.to(gz.dtype), sum_gx.view(-1).to(weight.dtype), sum_g.view(-1).to(bias.dtype), None, None, None
+        return gx.to(gz.dtype), sum_gx.view(-1).to(weight.dtype), sum_g.view(-1).to(bias.dtype), None, None, None, None
 
 
 class InPlaceABN(BatchNormBase):
@@ -128,10 +133,9 @@ class InPlaceABN(BatchNormBase):
         assert self.weight is not None and self.bias is not None  # always affine (see __init__)
         keep = bool((self.weight.detach().abs() < self.min_abs_gamma).any())  # γ too small to invert
         self.last_step_kept_xhat = keep
-        z, mean, var = InPlaceABNFunction.apply(input, self.weight, self.bias, self.eps, self.negative_slope, keep)
-        m = input.numel() // input.shape[1]
-        with torch.no_grad():
-            update_running_stats(self.running_mean, self.running_var, mean, var, m, self._batch_weight())
+        update = running_stats_updater(self.running_mean, self.running_var, input.numel() // input.shape[1],
+                                       self._batch_weight())
+        z, _, _ = InPlaceABNFunction.apply(input, self.weight, self.bias, self.eps, self.negative_slope, keep, update)
         return z
 
     def extra_repr(self) -> str:

@@ -18,6 +18,12 @@ in training, non-negative in evaluation), an empty batch in training still count
 TorchScript cannot compile a Python ``autograd.Function``). Sizes are accepted as torch.nn accepts them (an int,
 a NumPy integer, an integer 0-dimensional tensor). One difference: a forward that raises does not count its batch
 (torch.nn counts it before checking).
+
+Under activation checkpointing (``torch.utils.checkpoint``, reentrant or not) the forward runs again during the
+backward, and, as torch.nn's layers do, the recompute counts a batch and updates the running statistics a second
+time: the buffers end exactly as torch.nn's, and the count always matches the updates (every bnlib layer with
+running statistics updates them before it saves tensors for the backward:
+:func:`bnlib.core.running_stats_updater`).
 """
 
 from __future__ import annotations

@@ -81,12 +81,12 @@ class BatchRenormBase(DimCheck, BatchNormBase):
         var_b, mu_b = torch.var_mean(xs, dims, correction=0, keepdim=True)  # μ_B, σ²_B (biased)
         sigma_b = torch.sqrt(var_b + self.eps)  # σ_B = √(σ²_B + ε)
         r, d = self._r_d(mu_b, sigma_b, self.running_mean, self.running_var)
-        xhat = (xs - mu_b) / sigma_b * r + d  # x̂ = (x − μ_B)/σ_B · r + d
-        y = apply_affine(xhat, self.weight, self.bias, shape).to(input.dtype)  # y = γ x̂ + β
         m = input.numel() // input.shape[1]
+        # Updated before the output is computed (core.running_stats_updater says why checkpointing needs that):
         with torch.no_grad():  # μ ← μ + α(μ_B − μ);  running_var ← running_var + α(m/(m−1)·σ²_B − running_var)
             update_running_stats(self.running_mean, self.running_var, mu_b, var_b, m, self._batch_weight())
-        return y
+        xhat = (xs - mu_b) / sigma_b * r + d  # x̂ = (x − μ_B)/σ_B · r + d
+        return apply_affine(xhat, self.weight, self.bias, shape).to(input.dtype)  # y = γ x̂ + β
 
     @torch.no_grad()  # stop_gradient: r and d are constants for backpropagation
     def _r_d(self, mu_b: Tensor, sigma_b: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
