@@ -25,12 +25,13 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "LOW_PRECISION", "apply_affine", "channel_shape", "check_batch", "check_bn_input", "check_size", "check_tensor",
-    "empty_batch", "in_torch_layout", "memory_format", "reduce_dims", "shape_str", "stat_dtype", "to_stat_dtype",
-    "running_stats_updater", "update_running_stats", "update_running_stats_steps", "DimCheck",
+    "empty_batch", "in_torch_layout", "memory_format", "reduce_dims", "register_affine", "reset_affine", "shape_str",
+    "stat_dtype", "to_stat_dtype", "running_stats_updater", "update_running_stats", "update_running_stats_steps",
+    "DimCheck",
 ]
 
 #: Input dtypes normalized with float32 statistics (as cuDNN and PyTorch do).
@@ -217,6 +218,25 @@ def apply_affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, shape
     if bias is not None:
         xhat = xhat + bias.to(xhat.dtype).view(shape)
     return xhat
+
+
+def register_affine(module: nn.Module, shape: int | tuple[int, ...], affine: bool, bias: bool = True, *,
+                    device=None, dtype=None) -> None:
+    """γ (``weight``) and β (``bias``) of ``shape`` on ``module``, under torch.nn's names and rules: ``affine=False``
+    registers both as ``None``, ``bias=False`` learns γ only. Their values are set by :func:`reset_affine`."""
+    factory = {"device": device, "dtype": dtype}
+    weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
+    module.register_parameter("weight", weight)
+    module.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """γ = 1 and β = 0, for those of :func:`register_affine`'s parameters that exist."""
+    params = dict(module.named_parameters(recurse=False))
+    if "weight" in params:
+        nn.init.ones_(params["weight"])
+    if "bias" in params:
+        nn.init.zeros_(params["bias"])
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,

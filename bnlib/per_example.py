@@ -27,6 +27,8 @@ from .core import (
     check_size,
     check_tensor,
     empty_batch,
+    register_affine,
+    reset_affine,
     to_stat_dtype,
     update_running_stats,
 )
@@ -54,6 +56,9 @@ class LayerNorm(nn.Module):
         device, dtype: where and in which dtype to create the parameters.
     """
 
+    weight: Tensor | None
+    bias: Tensor | None
+
     def __init__(self, normalized_shape: _ShapeLike, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -62,23 +67,11 @@ class LayerNorm(nn.Module):
         self.normalized_shape = tuple(check_size("normalized_shape", s) for s in normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, self.normalized_shape, elementwise_affine, bias, device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         check_tensor(type(self).__name__, input)
@@ -115,6 +108,9 @@ class GroupNorm(nn.Module):
         bias: keyword-only; with ``affine=True`` and ``bias=False`` only γ is learned (torch.nn 2.13).
     """
 
+    weight: Tensor | None
+    bias: Tensor | None
+
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
@@ -123,23 +119,11 @@ class GroupNorm(nn.Module):
             raise ValueError(f"num_channels must be divisible by num_groups, got num_channels={num_channels} "
                              f"and num_groups={num_groups}")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_channels, affine, bias, device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         check_tensor(type(self).__name__, input)
