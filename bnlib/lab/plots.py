@@ -64,6 +64,17 @@ NORM_COLORS = {
     "brn": "#56B4E9",     # sky blue
     "bln": "#000000",     # black
     "ghost": "#999999",   # grey
+    # Methods beyond the Okabe-Ito eight (Paul Tol's muted colours): normalization-free training, RMSNorm,
+    # and the test-time adaptations of the distribution-shift chapter.
+    "rms": "#117733",       # dark green
+    "skipinit": "#332288",  # indigo
+    "fixup": "#44AA99",     # teal
+    "nf": "#882255",        # wine
+    "nf+agc": "#AA4499",    # purple
+    "adabn": "#DDCC77",     # sand
+    "batch": "#88CCEE",     # cyan (prediction-time BN: the test batch's statistics)
+    "mix": "#999933",       # olive
+    "tent": "#661100",      # brown
 }
 
 #: The one colour of each method in every figure of the book, by the name figures and legends use.
@@ -76,6 +87,15 @@ METHOD_COLORS = {
     "Batch Renorm": NORM_COLORS["brn"],
     "BLN": NORM_COLORS["bln"],
     "GhostBN": NORM_COLORS["ghost"],
+    "RMSNorm": NORM_COLORS["rms"],
+    "SkipInit": NORM_COLORS["skipinit"],
+    "Fixup": NORM_COLORS["fixup"],
+    "NF": NORM_COLORS["nf"],
+    "NF + AGC": NORM_COLORS["nf+agc"],
+    "AdaBN": NORM_COLORS["adabn"],
+    "prediction-time BN": NORM_COLORS["batch"],
+    "mix": NORM_COLORS["mix"],
+    "TENT": NORM_COLORS["tent"],
 }
 
 # Other spellings of those names (lower case), as chapters write them in legends.
@@ -84,7 +104,8 @@ _ALIASES = {
     "groupnorm": "gn", "group norm": "gn", "layernorm": "ln", "layer norm": "ln", "instancenorm": "in",
     "instance norm": "in", "batch renorm": "brn", "batchrenorm": "brn", "ghost bn": "ghost", "ghostbn": "ghost",
     "ghost batchnorm": "ghost", "ghostbatchnorm": "ghost", "no bn": "none", "without bn": "none",
-    "baseline": "none", "no norm": "none", "no normalization": "none",
+    "baseline": "none", "no norm": "none", "no normalization": "none", "rmsnorm": "rms", "nf + agc": "nf+agc",
+    "prediction-time bn": "batch", "source": "bn",
 }
 
 #: The rcParams of the book's style.
@@ -141,6 +162,8 @@ def color_for(label: Any, index: int = 0) -> str:
     if text.startswith("with "):
         text = text[5:]
     text = _ALIASES.get(text, text)
+    if text.startswith("mix"):  # "mix, N = 16": the mixing method, whatever its N
+        text = "mix"
     if text in NORM_COLORS:
         return NORM_COLORS[text]
     return PALETTE[index % len(PALETTE)]
