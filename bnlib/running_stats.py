@@ -11,6 +11,8 @@ and they disagree on what "momentum" means. The chapter *The algorithm*
   and the papers, and the conversion between their momenta
   (PyTorch's ``m`` weights the new batch, Keras's and Flax's weight the old value:
   ``m_keras = 1 - m_torch``);
+* :func:`bias_corrected`: a moving average with the weight of its initial value removed (the start-up
+  correction Adam applies to its moments), so that start-up bias and staleness can be told apart;
 * :class:`ChannelMoments`: exact per-channel count, mean and sum of squared deviations over any
   number of batches, merged with the pairwise update of Chan, Golub & LeVeque (stable: no
   :math:`E[x^2]-E[x]^2`);
@@ -37,6 +39,7 @@ __all__ = [
     "ema_update",
     "torch_style_update",
     "keras_style_update",
+    "bias_corrected",
     "ChannelMoments",
     "batchnorm_layers",
     "recompute_bn_stats",
@@ -132,6 +135,45 @@ def keras_style_update(moving_mean: Tensor, moving_var: Tensor, x: Tensor, momen
     mean, var, _ = _batch_moments(x)
     ema_update(moving_mean, mean, momentum, "keras")
     ema_update(moving_var, var, momentum, "keras")
+
+
+def bias_corrected(running: Tensor, momentum: float, steps: int, initial: float | Tensor = 0.0) -> Tensor:
+    r"""Returns the moving average ``running`` with the weight of its initial value removed.
+
+    After ``t`` updates :math:`r \leftarrow (1 - \alpha)\, r + \alpha\, b` (``momentum`` = α, PyTorch's
+    convention) the average is
+
+    .. math:: r_t = (1 - \alpha)^t\, r_0 + \sum_{k=1}^{t} \alpha (1 - \alpha)^{t-k}\, b_k ,
+
+    so the batch values carry a total weight of only :math:`1 - (1 - \alpha)^t` and the initial value
+    :math:`r_0` (0 for the mean, 1 for the variance in every framework) the rest. Removing the initial value's
+    share and renormalizing,
+
+    .. math:: \tilde r_t = \frac{r_t - (1 - \alpha)^t\, r_0}{1 - (1 - \alpha)^t},
+
+    leaves the weighted mean of the batch values alone, with the same exponential weights; for :math:`r_0 = 0` it
+    is Adam's bias correction :math:`r_t / (1 - (1 - \alpha)^t)` (Kingma & Ba, 2015). It removes the start-up
+    bias of the average, not its staleness (the old batches' weight).
+
+    Args:
+        running: the moving average after ``steps`` updates (not changed).
+        momentum: α in (0, 1], the weight of the new batch (PyTorch's convention; Keras's 0.99 is 0.01 here,
+            :func:`convert_momentum`).
+        steps: the number of updates t ≥ 1 the average has received.
+        initial: the value the average started from, r_0 (a number or a tensor shaped like ``running``).
+
+    Returns:
+        Tensor: a new tensor, the corrected average.
+
+    Raises:
+        ValueError: ``momentum`` outside (0, 1], ``steps`` not a positive integer.
+    """
+    if momentum is None or not 0.0 < float(momentum) <= 1.0:
+        raise ValueError(f"bias_corrected needs a momentum in (0, 1] (the weight of the new batch), got {momentum!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"bias_corrected needs the number of updates as a positive integer, got {steps!r}")
+    left = (1.0 - float(momentum)) ** steps  # (1 − α)^t: the initial value's weight
+    return (running - left * torch.as_tensor(initial, dtype=running.dtype, device=running.device)) / (1.0 - left)
 
 
 class ChannelMoments:
