@@ -1,4 +1,4 @@
-import math
+"""The kit's plots: seed curves, learning-rate sweeps, one colour per method."""
 
 import matplotlib
 
@@ -7,30 +7,8 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 
 from bnlib.lab import plots  # noqa: E402
-from bnlib.lab.seeds import Spread, separation  # noqa: E402
+from bnlib.lab.protocol import Spread  # noqa: E402
 from bnlib.lab.training import History  # noqa: E402
-
-
-def test_spread_is_mean_and_sample_std():
-    s = Spread([0.90, 0.92, 0.94])
-    assert s.n == 3 and s.mean == pytest.approx(0.92) and s.std == pytest.approx(0.02)
-    assert (s.min, s.max) == (0.90, 0.94)
-    assert s.format(1, 100) == "92.0 ± 2.0"
-    assert Spread([5.0]).std == 0.0
-
-
-def test_spread_refuses_no_values():
-    with pytest.raises(ValueError, match="at least one"):
-        Spread([])
-
-
-def test_separation_in_units_of_the_larger_spread():
-    a, b = Spread([1.0, 1.2, 1.4]), Spread([0.0, 0.1, 0.2])   # std 0.2 and 0.1
-    assert separation(a, b) == pytest.approx((1.2 - 0.1) / 0.2)
-    assert separation(b, a) == pytest.approx(-(1.2 - 0.1) / 0.2)
-    assert separation(Spread([1, 1, 1]), Spread([1, 1, 1])) == 0.0
-    assert separation(Spread([2, 2]), Spread([1, 1])) == math.inf
-    assert separation(Spread([2, 2]), Spread([1, 1]), floor=0.5) == pytest.approx(2.0)
 
 
 def _hist(accs):
