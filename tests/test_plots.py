@@ -1,6 +1,33 @@
-"""The book's one colour per method (bnlib.lab.plots)."""
+"""The kit's plots: seed curves, learning-rate sweeps, and the book's one colour per method."""
 
-from bnlib.lab import plots
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+
+from bnlib.lab import plots  # noqa: E402
+from bnlib.lab.protocol import Spread  # noqa: E402
+from bnlib.lab.training import History  # noqa: E402
+
+
+def _hist(accs):
+    return History(test_step=list(range(0, 10 * len(accs), 10)), test_acc=list(accs))
+
+
+def test_plot_seed_curves_draws_mean_and_band():
+    ax = plots.plot_seed_curves({"BN": [_hist([0.1, 0.5]), _hist([0.1, 0.7])]})
+    line = ax.get_lines()[0]
+    assert list(line.get_ydata()) == pytest.approx([0.1, 0.6])
+    assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "test accuracy"
+    assert len(ax.collections) == 1                 # the min-max band
+
+
+def test_plot_lr_sweep_error_bars_from_seeds():
+    ax = plots.plot_lr_sweep({"BN": {0.1: [0.8, 0.9, 1.0], 1.0: Spread([0.5, 0.5, 0.5])}})
+    line = ax.get_lines()[0]
+    assert list(line.get_ydata()) == pytest.approx([0.9, 0.5])
+    assert ax.containers, "error bars expected"
 
 
 def test_every_method_has_its_own_colour():

@@ -16,7 +16,6 @@
 * ``contrastive``  a small MoCo pretext task on MNIST (per-batch, shuffling or per-example normalization)
 * ``protocol``   the book's statistical protocol: seeds, paired 95 % intervals, verdicts (beats / equivalent /
                  inconclusive)
-* ``seeds``      several seeds of one experiment: their spread, differences in units of it
 * ``glue``       a measured value glued into the prose (myst-nb's ``glue``, also without myst-nb)
 * ``params``     which parameters learn: freezing γ/β, training only BN, effective step sizes
 * ``probes``     hooks that record activations during training
