@@ -88,6 +88,7 @@ def test_traffic_model_counts_bytes_per_element():
     # compiled: Welford (x), normalize + ReLU (x -> z, mask); backward: sums (mask, g, x), gradient (+ dx)
     assert fusion.traffic("compiled", backward=False) == 4 + (4 + 4 + 1)
     assert fusion.traffic("compiled") == 13 + (1 + 4 + 4) + (1 + 4 + 4 + 4)
+    assert fusion.traffic("compiled, no grad", backward=False) == 4 + 4 + 4
     assert fusion.traffic("eager eval", backward=False) == 16
     assert fusion.traffic("compiled eval", backward=False) == 8
     assert fusion.traffic("folded", backward=False) == 8

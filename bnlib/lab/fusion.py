@@ -17,6 +17,7 @@ Bytes per element of the input, float32 (``itemsize`` 4, a bool mask 1)::
     variant                       forward  forward+backward
     eager BN, then ReLU                24                56
     compiled, fused (training)         13                35      # a bool mask is written for the backward
+    compiled, no backward to come      12                 -
     eager BN (eval), then ReLU         16                 -
     compiled (eval), one pass           8                 -
     folded into the convolution         8                 -      # only the ReLU is left
@@ -80,6 +81,10 @@ VARIANTS: dict[str, dict[str, tuple[Pass, ...]]] = {
                     Pass("normalize + ReLU", reads=("x",), writes=("z", "mask"))),   # the mask is kept
         "backward": (Pass("sums", reads=("mask", "g", "x")),
                      Pass("input gradient", reads=("mask", "g", "x"), writes=("dx",))),
+    },
+    "compiled, no grad": {  # the same pair compiled, run without a backward to come: no mask is written
+        "forward": (Pass("statistics (Welford)", reads=("x",)),
+                    Pass("normalize + ReLU", reads=("x",), writes=("z",))),
     },
     "eager eval": {  # evaluation mode: BN is a fixed affine map per channel, then ReLU
         "forward": (Pass("BN: affine map", reads=("x",), writes=("y",)),
