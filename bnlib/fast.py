@@ -36,7 +36,10 @@ the helpers at the end of the file, each saying why:
 * buffers of :data:`LARGE_BUFFER_BYTES` (4 MiB) or more are taken from NumPy's allocator, which maps them in
   2 MiB pages (:func:`_empty`): a fresh 32 MB tensor in 4 KiB pages costs 8192 page faults, more than the
   arithmetic. Such a tensor is an ordinary tensor in every respect but one: its storage belongs to NumPy, so
-  ``resize_`` cannot grow it (``y.clone()`` gives one that can);
+  ``resize_`` cannot grow it (``y.clone()`` gives one that can). Most of bnlib's lead over torch.nn at
+  ``(128, 64, 32, 32)`` in the CPU benchmark record (``bnlib/lab/results/cpu-2core``) is this allocation, not
+  arithmetic: PyTorch's own allocator can take 2 MiB pages for every large tensor (``THP_MEM_ALLOC_ENABLE=1``),
+  which would speed up torch.nn's kernel too; the record runs PyTorch with its defaults;
 * at an MLP's sizes the cost is the number of calls into torch, not the bytes: no call is made that changes
   nothing (:func:`_as`, :func:`_flat`), numbers are cached 0-dimensional tensors (:func:`_constant`), the gradients
   of the two statistics outputs are not materialized as zero tensors, and the two running averages are updated

@@ -36,8 +36,8 @@ SECONDS=0
 } 2>&1 | tee "$OUT/machine.log"
 status=0
 echo "== chapters (timeout ${TIMEOUT}s each)"
-# Every chapter but the appendix chapters/gpu.ipynb, which only plots the records this script makes.
-CHAPTERS=$(ls chapters/*.ipynb | grep -v '/gpu\.ipynb$')
+# Every chapter but the appendix chapters/speed_memory.ipynb, which plots the records this script makes.
+CHAPTERS=$(ls chapters/*.ipynb | grep -v '/speed_memory\.ipynb$')
 $PY tools/run_chapters.py --jobs "$JOBS" --timeout "$TIMEOUT" --json "$OUT/chapters.json" $CHAPTERS 2>&1 \
   | tee "$OUT/chapters.log" | grep --line-buffered -E '^(ok|FAILED|[0-9]+ of)' || status=1
 # Later steps get what is left of BUDGET seconds.

@@ -29,7 +29,7 @@ tables give median times and the median over repetitions of the per-repetition r
 ``--json PATH`` also writes every section's rows and a description of the machine (device name, torch,
 CUDA and cuDNN versions, threads, date) to a JSON file. The records in ``bnlib/lab/results/`` are such
 files (written by ``tools/device_run.sh``); :func:`load_records` reads them and the book's appendix
-*Running on a GPU* plots them.
+*Speed and memory* plots them.
 
 Clocks. By default every time is wall time. ``--clock cpu`` times the CPU sections by this process's CPU time
 instead (:func:`time.process_time`): on a machine shared with other jobs it leaves out the time the operating
