@@ -67,3 +67,50 @@ def test_a_forward_with_a_loss_and_bad_input():
     assert with_loss.by_type["(outside)"] == ACT
     with pytest.raises(TypeError, match="expects a torch.nn.Module"):
         saved_for_backward(lambda t: t, x)
+
+
+def test_kit_resnet_in_place_abn_and_checkpointing():
+    """The kit's ResNet: In-Place ABN saves exactly the inputs of the BN layers it replaces; checkpointed blocks
+    compute the same gradients and keep less; both helpers refuse other models."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from bnlib.lab import models
+
+    torch.manual_seed(0)
+    base = models.ResNet(width=4, blocks_per_stage=1, norm="bn-torch")
+    abn = models.with_inplace_abn(copy.deepcopy(base))
+    ckpt = models.checkpoint_blocks(copy.deepcopy(base))
+    x, y = torch.randn(4, 1, 12, 12), torch.tensor([0, 1, 2, 3])
+    replaced = [base.stem[1], *(b.norm1 for b in base.blocks)]
+    assert sum(isinstance(m, bnlib.InPlaceABN) for m in abn.modules()) == len(replaced) == 4
+    sizes = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: sizes.append(a[0].numel() * 4)) for m in replaced]
+    with torch.no_grad():
+        copy.deepcopy(base)(x)
+    for h in hooks:
+        h.remove()
+    loss = {}
+    report = {}
+    for name, net in (("base", base), ("abn", abn), ("ckpt", ckpt)):
+        report[name] = saved_for_backward(net, x, forward=lambda t, net=net: F.cross_entropy(net(t), y))
+    saved = report["base"].total - report["abn"].total
+    assert abs(saved - sum(sizes)) <= SMALL, (saved, sizes)
+    assert report["ckpt"].total < report["abn"].total
+    grads = {}
+    for name, net in (("base", base), ("ckpt", ckpt)):
+        net.zero_grad()
+        loss[name] = F.cross_entropy(net(x), y)
+        loss[name].backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    torch.testing.assert_close(grads["ckpt"], grads["base"], rtol=1e-5, atol=1e-6)
+    # the recomputation during the one backward pass ran the blocks' BN layers once more (not the stem's)
+    assert ckpt.stem[1].num_batches_tracked == base.stem[1].num_batches_tracked
+    assert ckpt.blocks[0].module.norm1.num_batches_tracked == base.blocks[0].norm1.num_batches_tracked + 1
+    with pytest.raises(TypeError, match="expects a ResNet"):
+        models.checkpoint_blocks(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expects a ResNet"):
+        models.with_inplace_abn(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="needs BN layers"):
+        models.with_inplace_abn(models.ResNet(width=4, blocks_per_stage=1, norm="gn"))

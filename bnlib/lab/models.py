@@ -31,6 +31,9 @@ __all__ = [
     "MLP",
     "CNN",
     "ResNet",
+    "Checkpointed",
+    "checkpoint_blocks",
+    "with_inplace_abn",
 ]
 
 # Union, not ``X | Y``: these aliases are evaluated when the module loads, and Python 3.9 has no ``|`` on types.
@@ -452,3 +455,71 @@ class ResNet(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return self.head(x.mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+class Checkpointed(nn.Module):
+    """``module`` under activation checkpointing: in training, its forward keeps only its input for the backward
+    and runs again during the backward pass to rebuild what it needs (``torch.utils.checkpoint``, non-reentrant).
+    In evaluation, or without gradients, it is ``module`` unchanged.
+
+    The recomputation runs ``module``'s BN layers in training mode once more per step: they update their running
+    statistics twice with the same batch (the same data, so the average moves as with a larger momentum)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns ``module(x)``."""
+        if self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(self.module, x, use_reentrant=False)
+        return self.module(x)
+
+
+def checkpoint_blocks(model: ResNet) -> ResNet:
+    """Wraps every residual block of ``model`` in :class:`Checkpointed`, in place, and returns ``model``.
+
+    The parameters are the same objects (their names gain ``.module``): the network computes the same function
+    and the same gradients, and keeps only each block's input for the backward pass.
+    """
+    if not isinstance(model, ResNet):
+        raise TypeError(f"checkpoint_blocks() expects a ResNet, got {type(model).__name__}")
+    for stage in model.stages:
+        assert isinstance(stage, nn.Sequential)
+        for i in range(len(stage)):
+            if not isinstance(stage[i], Checkpointed):
+                stage[i] = Checkpointed(stage[i])
+    return model
+
+
+def with_inplace_abn(model: ResNet, negative_slope: float = 0.01) -> ResNet:
+    """Replaces, in place, every BN layer of ``model`` that is followed directly by its activation (the stem's, and
+    ``norm1``/``act1`` of each block) by :class:`bnlib.InPlaceABN` with that ``negative_slope``, and the activation by
+    ``nn.Identity``; returns ``model``.
+
+    The BN layer's parameters and running statistics are copied, so for a slope near 0 the network computes nearly
+    the function it computed with ReLUs. A block's second BN is followed by the residual addition, not by the
+    activation, and stays as it is (the residual sum is what the block's last ReLU reads).
+    """
+    from bnlib.inplace_abn import InPlaceABN
+
+    if not isinstance(model, ResNet):
+        raise TypeError(f"with_inplace_abn() expects a ResNet, got {type(model).__name__}")
+
+    def fuse(owner: nn.Module, norm_name: str, act_name: str) -> None:
+        bn = getattr(owner, norm_name)
+        if not isinstance(bn, (nn.modules.batchnorm._BatchNorm, modules.BatchNormBase)) or isinstance(bn, InPlaceABN):
+            raise ValueError(f"with_inplace_abn() needs BN layers before the activations, found {type(bn).__name__}")
+        device = next(bn.parameters()).device
+        abn = InPlaceABN(bn.num_features, negative_slope, eps=bn.eps, momentum=bn.momentum).to(device)
+        abn.load_state_dict(bn.state_dict())
+        setattr(owner, norm_name, abn)
+        setattr(owner, act_name, nn.Identity())
+
+    fuse(model.stem, "1", "2")
+    for block in model.blocks:
+        fuse(block, "norm1", "act1")
+    return model
