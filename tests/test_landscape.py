@@ -99,9 +99,48 @@ def test_recorder_as_fit_callback_does_not_change_training():
     assert s["loss_range"].shape == (3,) and np.all(s["beta_smoothness"] > 0)
 
 
-def test_noisy_shift_train_and_eval():
+def test_noisy_shift_per_example_is_iid_noise_whose_distribution_changes_every_step():
+    # Santurkar et al.'s form: y = x + n, n_ij ~ N(t_j, s_j²) i.i.d. over examples, (s_j, t_j) redrawn every pass
     torch.manual_seed(0)
-    layer = NoisyShift(4, scale=(2.0, 3.0), shift_mean=1.0, shift_std=0.5)
+    layer = NoisyShift(3, scale=(0.5, 2.0), shift_mean=1.0, shift_std=0.5)
+    assert layer.per_example
+    n = 20000
+    x = torch.linspace(-1, 1, n).unsqueeze(1).repeat(1, 3)
+    noise = layer(x) - x
+    # every example its own draw: the noise is not shared down a column, and is uncorrelated between neighbours
+    assert noise.std(0).min() > 0.4
+    r = np.corrcoef(noise[:-1].T.numpy().ravel(), noise[1:].T.numpy().ravel())[0, 1]
+    assert abs(r) < 0.03
+    # Gaussian around the unit's mean t_j with the unit's spread s_j, one (s_j, t_j) per unit
+    t, s = noise.mean(0), noise.std(0)
+    assert torch.all((s > 0.5 - 0.03) & (s < 2.0 + 0.03))
+    assert torch.allclose(((noise - t) / s).pow(4).mean(0), torch.full((3,), 3.0), atol=0.15)   # kurtosis 3
+    assert len(set(np.round(t.numpy(), 2))) == 3                                       # different t_j per unit
+    # a fresh distribution at every pass, with t ~ N(1, 0.5²) and s ~ U[0.5, 2] over passes
+    ts, ss = [], []
+    for _ in range(2000):
+        z = layer(torch.zeros(200, 3))
+        ts.append(z.mean(0))
+        ss.append(z.std(0))
+    ts, ss = torch.cat(ts), torch.cat(ss)
+    assert ts.mean().item() == pytest.approx(1.0, abs=0.03)
+    assert ts.std().item() == pytest.approx(0.5, abs=0.03)
+    assert ss.mean().item() == pytest.approx(1.25, abs=0.03)                          # (0.5 + 2) / 2
+    assert ss.min().item() > 0.375 and ss.max().item() < 2.5                  # U[0.5, 2] ± sampling error of 200
+    # every element of a (N, C, H, W) input gets its own noise: positions of one channel differ
+    layer4 = NoisyShift(2, shift_std=0.0)
+    z4 = layer4(torch.zeros(2, 2, 5, 5))
+    assert z4[0, 0].std() > 0 and not torch.equal(z4[0, 0], z4[1, 0])
+    # eval: the mean of the noise, y = x + μ
+    layer.eval()
+    assert torch.allclose(layer(x), x + 1.0)
+    with pytest.raises(ValueError, match="expected input"):
+        layer(torch.zeros(3, 5))
+
+
+def test_noisy_shift_batch_shared_train_and_eval():
+    torch.manual_seed(0)
+    layer = NoisyShift(4, scale=(2.0, 3.0), shift_mean=1.0, shift_std=0.5, per_example=False)
     x = torch.ones(1000, 4)
     y = layer(x)
     # one scale and shift per unit, shared by the batch
@@ -126,13 +165,25 @@ def test_noisy_shift_train_and_eval():
         layer(torch.zeros(3, 5))
 
 
+def test_noisy_shift_argument_errors():
+    with pytest.raises(ValueError, match="scale"):
+        NoisyShift(2, scale=(2.0, 1.0))
+    with pytest.raises(ValueError, match="scale"):
+        NoisyShift(2, scale=(-1.0, 1.0))
+    with pytest.raises(ValueError, match="shift_std"):
+        NoisyShift(2, shift_std=-0.1)
+    assert "per_example=False" in repr(NoisyShift(2, per_example=False))
+
+
 def test_noisy_norm_builds_modules_for_mlp():
     torch.manual_seed(0)
     m = MLP(norm=noisy_norm("bn", shift_std=0.2))
     assert isinstance(m.hidden[0].norm, nn.Sequential)
     assert isinstance(m.hidden[0].norm[1], NoisyShift)
     m0 = MLP(norm=noisy_norm(None))
-    assert isinstance(m0.hidden[0].norm, NoisyShift)
+    assert isinstance(m0.hidden[0].norm, NoisyShift) and m0.hidden[0].norm.per_example
+    shared = MLP(norm=noisy_norm("bn", per_example=False))
+    assert not shared.hidden[0].norm[1].per_example
     out = m(torch.rand(10, 1, 28, 28))
     assert out.shape == (10, 10)
     if torch.cuda.is_available():

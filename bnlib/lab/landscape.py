@@ -3,8 +3,10 @@
 They test, at small scale, the findings of that paper that bear on the "internal covariate shift"
 explanation of BatchNorm:
 
-* **Noisy BN** -- :class:`NoisyShift` multiplies and shifts every unit by a random scale and offset
-  drawn afresh at every training step, so the distribution a layer receives keeps moving on purpose.
+* **Noisy BN** -- :class:`NoisyShift` adds to every activation of every example i.i.d. noise whose mean and
+  spread are drawn afresh at every training step (or, as a second intervention, rescales and shifts each unit
+  by one random scale and offset shared by the batch), so the distribution a layer receives keeps moving on
+  purpose.
   Placed right after a BN layer (``norm=noisy_norm("bn", ...)`` in :class:`bnlib.lab.models.MLP`) it
   undoes BN's stabilisation of the distribution while keeping the rest of BN.
 * **Smoothness of the loss** -- :func:`loss_landscape` walks along the gradient direction from the
@@ -50,58 +52,73 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 class NoisyShift(nn.Module):
-    r"""Time-varying random scale and shift of every unit: :math:`y = x \cdot s + t`.
+    r"""Noise after a layer whose distribution changes at every training step.
 
-    In training mode, every forward pass draws, independently for each unit (feature or channel,
-    dimension 1), a scale :math:`s \sim U[s_{lo}, s_{hi}]` and a shift
-    :math:`t \sim \mathcal{N}(\mu, \sigma^2)`; all examples of the batch share them, so the whole
-    distribution of the unit moves from one step to the next (non-zero mean, non-unit variance).
-    In eval mode it applies the average transform, :math:`y = x \cdot \bar s + \mu` with
-    :math:`\bar s = (s_{lo} + s_{hi})/2`, so that a network trained with the noise is evaluated
-    with the shift and scale it saw on average (as dropout rescales at test time). The random numbers
-    come from PyTorch's global generator on the input's device, so
-    :func:`bnlib.lab.runtime.seed_everything` makes them reproducible.
+    In training mode every forward pass draws, for each unit :math:`j` (feature or channel, dimension 1), a
+    scale :math:`s_j \sim U[s_{lo}, s_{hi}]` and a shift :math:`t_j \sim \mathcal{N}(\mu, \sigma^2)`: the
+    step's noise distribution for that unit. How they act depends on ``per_example``:
+
+    * ``per_example=True`` (the default, Santurkar et al.'s noisy BN): every activation of every example gets its
+      own i.i.d. noise from the step's distribution, :math:`y_{ij} = x_{ij} + n_{ij}` with
+      :math:`n_{ij} \sim \mathcal{N}(t_j, s_j^2)` (one draw per element of ``x``: per example, unit and
+      position). The noise has a non-zero mean and a non-unit variance, and both change from step to step.
+    * ``per_example=False`` (the batch-shared variant): :math:`y_{ij} = s_j x_{ij} + t_j`, one scale and shift
+      per unit shared by all examples and positions, so the whole distribution of the unit is rescaled and moved
+      from one step to the next while the examples keep their order (the "weather" of a batch).
+
+    In both forms the unit's values in a batch are moved by :math:`t_j` on average, and spread by :math:`s_j`
+    (as a factor, or as an added standard deviation). In eval mode the average transform is applied:
+    :math:`y = x + \mu` for the per-example noise (its mean), :math:`y = x \cdot \bar s + \mu` with
+    :math:`\bar s = (s_{lo} + s_{hi})/2` for the batch-shared one, so that a network trained with the noise is
+    evaluated with what it saw on average (as dropout rescales at test time). The random numbers come from
+    PyTorch's global generator on the input's device, so :func:`bnlib.lab.runtime.seed_everything` makes them
+    reproducible.
 
     Args:
-        num_features: ``C``; only used to check the input.
-        scale: ``(s_lo, s_hi)``, range of the uniform scale (default (0.5, 1.5)).
-        shift_mean, shift_std: mean and standard deviation of the normal shift (default 0.5, 1.0).
+        num_features: ``C``; the input must be ``(N, C, ...)``.
+        scale: ``(s_lo, s_hi)``, range of the uniform :math:`s` (default (0.5, 1.5)).
+        shift_mean, shift_std: mean and standard deviation of the normal :math:`t` (default 0.5, 1.0).
+        per_example: i.i.d. noise for every activation of every example (True), or one scale and shift per unit
+            for the whole batch (False).
     """
 
     def __init__(self, num_features: int, scale: tuple[float, float] = (0.5, 1.5),
-                 shift_mean: float = 0.5, shift_std: float = 1.0) -> None:
+                 shift_mean: float = 0.5, shift_std: float = 1.0, per_example: bool = True) -> None:
         super().__init__()
-        if scale[0] > scale[1]:
-            raise ValueError(f"scale must be (low, high) with low <= high, got {scale!r}")
+        if not 0 <= scale[0] <= scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 <= low <= high, got {scale!r}")
         if shift_std < 0:
             raise ValueError(f"shift_std must be >= 0, got {shift_std!r}")
         self.num_features = int(num_features)
         self.scale = (float(scale[0]), float(scale[1]))
         self.shift_mean, self.shift_std = float(shift_mean), float(shift_std)
+        self.per_example = bool(per_example)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns ``x * s + t`` in training mode (fresh ``s``, ``t`` per unit), ``x * s̄ + μ`` in eval mode."""
-        if not self.training:
-            return x * (0.5 * (self.scale[0] + self.scale[1])) + self.shift_mean
+        """Returns ``x`` with the step's noise in training mode, with its average effect in eval mode."""
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected input (N, {self.num_features}, ...), got shape {tuple(x.shape)}")
-        shape = [1, self.num_features] + [1] * (x.dim() - 2)
         lo, hi = self.scale
-        s = lo + (hi - lo) * torch.rand(shape, device=x.device, dtype=x.dtype)
-        t = self.shift_mean + self.shift_std * torch.randn(shape, device=x.device, dtype=x.dtype)
+        if not self.training:
+            return (x if self.per_example else x * (0.5 * (lo + hi))) + self.shift_mean
+        unit = [1, self.num_features] + [1] * (x.dim() - 2)                       # one draw per unit: (1, C, 1, ...)
+        s = lo + (hi - lo) * torch.rand(unit, device=x.device, dtype=x.dtype)                 # s_j ~ U[lo, hi]
+        t = self.shift_mean + self.shift_std * torch.randn(unit, device=x.device, dtype=x.dtype)  # t_j ~ N(μ, σ²)
+        if self.per_example:
+            return x + t + s * torch.randn_like(x)                                # n_ij ~ N(t_j, s_j²), i.i.d.
         return x * s + t
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, scale={self.scale}, shift_mean={self.shift_mean}, "
-                f"shift_std={self.shift_std}")
+                f"shift_std={self.shift_std}, per_example={self.per_example}")
 
 
 def noisy_norm(base: NormSpec = "bn", **noise) -> Callable[[int], nn.Module]:
     """A ``norm`` callable for :class:`bnlib.lab.models.MLP` / :func:`bnlib.lab.models.make_norm`:
     the normalization ``base`` followed by :class:`NoisyShift` (``**noise`` are its arguments).
 
-    ``noisy_norm("bn")`` is Santurkar et al.'s noisy BN; ``noisy_norm(None)`` puts the same noise in
-    a network without normalization.
+    ``noisy_norm("bn")`` is Santurkar et al.'s noisy BN (per-example noise); ``noisy_norm("bn", per_example=False)``
+    its batch-shared variant; ``noisy_norm(None, ...)`` puts the same noise in a network without normalization.
 
     Returns:
         callable ``num_features -> nn.Module`` (an ``nn.Sequential(norm, NoisyShift)``, or just the
