@@ -1,4 +1,5 @@
-"""Tests for bnlib.lab.landscape: the noisy-BN layer, the loss landscape along the gradient and the gradient-based ICS."""
+"""Tests for bnlib.lab.landscape: the noisy-BN layer, the loss landscape along the gradient and the gradient-based
+ICS."""
 import numpy as np
 import pytest
 import torch

@@ -114,7 +114,8 @@ def test_glued_keys_exist(path):
     defined = _glued_keys(path)
     used = {(i, k.strip()) for i, md in _markdown_cells(path) for k in _GLUE_KEY.findall(md)}
     missing = sorted(f"cell {i}: {k}" for i, k in used if k not in defined)
-    assert not missing, f"{path.name}: glue keys used in markdown but not stored by any cell:\n  " + "\n  ".join(missing)
+    assert not missing, (f"{path.name}: glue keys used in markdown but not stored by any cell:\n  "
+                         + "\n  ".join(missing))
 
 
 def test_chapters_exist():

@@ -169,7 +169,8 @@ def bench_batchnorm(shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, repeat: in
             rm, rv = torch.zeros(C, device=device, dtype=dtype), torch.ones(C, device=device, dtype=dtype)
             fns["naive"] = _fwd_bwd(lambda t: naive_batch_norm(t, rm, rv, weight, bias), x, g, [weight, bias])
         res = compare(fns, repeat=repeat, warmup=warmup, device=device, baseline="torch", clock=clock)
-        row = {"shape": shape, "layer": torch_cls.__name__, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        row = {"shape": shape, "layer": torch_cls.__name__, "device": str(device),
+               "dtype": str(dtype).replace("torch.", ""),
                "threads": torch.get_num_threads()}
         for name in fns:
             row[f"{name}_ms"] = res.medians[name] * 1e3

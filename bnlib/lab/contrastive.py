@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from .models import make_norm
 from .training import History, Plan, Step, batch_statistics, device, train_loop
 
-__all__ = ["MODES", "augment", "Encoder", "MoCo", "MocoStep", "train_moco", "features", "linear_probe", "probe_accuracy",
+__all__ = ["MODES", "augment", "Encoder", "MoCo", "MocoStep", "train_moco", "features", "linear_probe",
+           "probe_accuracy",
            "pretext_accuracy"]
 
 #: The normalizations :func:`train_moco` compares.

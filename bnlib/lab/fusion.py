@@ -235,7 +235,8 @@ def compiler_problem() -> str | None:
 
 # ----------------------------------------------------------------------------------------- what is timed
 
-def bn_relu(shape: Sequence[int], seed: int = 0, device: str | torch.device = "cpu") -> tuple[nn.Module, Tensor, Tensor]:
+def bn_relu(shape: Sequence[int], seed: int = 0,
+            device: str | torch.device = "cpu") -> tuple[nn.Module, Tensor, Tensor]:
     """``nn.Sequential(BatchNorm{1,2}d, ReLU)`` for inputs of ``shape`` (N, C) or (N, C, H, W), an input, a gradient."""
     if len(shape) not in (2, 4):
         raise ValueError(f"expected an (N, C) or (N, C, H, W) shape, got {tuple(shape)}")

@@ -16,7 +16,7 @@ model with ``.to(device)`` (:func:`bnlib.lab.training.fit` does it for you).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,9 +36,8 @@ __all__ = [
     "with_inplace_abn",
 ]
 
-# Union, not ``X | Y``: these aliases are evaluated when the module loads, and Python 3.9 has no ``|`` on types.
-NormSpec = Union[None, str, Callable[..., nn.Module]]
-ActivationSpec = Union[None, str, Callable[[], nn.Module]]
+NormSpec = None | str | Callable[..., nn.Module]
+ActivationSpec = None | str | Callable[[], nn.Module]
 
 #: Number of groups of ``'gn'``: the largest divisor of ``C`` that is at most this.
 GN_GROUPS = 8

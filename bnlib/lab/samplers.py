@@ -8,7 +8,7 @@ the order (a non-i.i.d. stream of batches, for instance).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

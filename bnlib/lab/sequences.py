@@ -48,7 +48,7 @@ every training sequence to a fresh random length.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

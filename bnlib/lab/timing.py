@@ -49,14 +49,12 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 
 __all__ = ["synchronize", "time_fn", "compare", "Comparison"]
 
-# Union, not ``X | Y``: evaluated when the module loads, and Python 3.9 has no ``|`` on types.
-DeviceLike = Union[None, str, torch.device]
+DeviceLike = None | str | torch.device
 
 
 def _is_cuda(device: DeviceLike) -> bool:

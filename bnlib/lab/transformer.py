@@ -25,13 +25,13 @@ measurements below make that visible on a :class:`bnlib.lab.tasks.SequenceTask`:
 * :func:`generate`: greedy token-by-token generation, one sequence at a time (batch size 1, evaluation mode).
 
 Training goes through the book's one loop (:func:`bnlib.lab.training.train_loop`) and its one update, on the
-logits of every token (:class:`TokenLogits`): :func:`train_lm`. Nothing fixes a device: the model follows ``.to(device)``.
+logits of every token (:class:`TokenLogits`): :func:`train_lm`. Nothing fixes a device: the model follows
+``.to(device)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ from .training import History, Plan, Step, batch_statistics, device, train_loop
 __all__ = ["NORMS", "SequenceBatchNorm", "make_token_norm", "CausalTransformer", "TokenLogits", "train_lm",
            "logits", "token_losses", "generate", "answer_accuracy", "STATS", "BatchStatProbe"]
 
-NormSpec = Union[None, str, Callable[[int], nn.Module]]
+NormSpec = None | str | Callable[[int], nn.Module]
 
 #: The names ``CausalTransformer(norm=...)`` accepts.
 NORMS = ("bn", "ln", "rms", "none")

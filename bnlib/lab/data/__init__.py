@@ -271,7 +271,8 @@ def _read_verified(path: Path, name: str, expected_md5: str, gzipped: bool, fix:
         raise MnistPermissionError(
             f"{path}: permission denied ({exc.strerror}): this user may not read the file, so it was not "
             f"checked (nothing says it is damaged; do not delete it for that). Fix: give read access "
-            f"(`chmod a+r {path}`, run by its owner, {_owner(path)}, or an administrator), or set BNLIB_DATA to a folder "
+            f"(`chmod a+r {path}`, run by its owner, {_owner(path)}, or an administrator), "
+            "or set BNLIB_DATA to a folder "
             f"of your own (`python -m bnlib.lab.data --root DIR` downloads a copy there)."
         ) from exc
     except (OSError, EOFError, zlib.error) as exc:  # truncated/garbled gzip (a damaged body: zlib.error)
