@@ -76,6 +76,7 @@ Behaviour at the edges:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -221,9 +222,11 @@ def _split_mean(mean: Tensor, dtype: torch.dtype, shape: list[int]) -> tuple[Ten
 class SyncBatchNormFunction(torch.autograd.Function):
     r"""Training-mode BN with statistics over every replica: one collective forward, one backward.
 
-    ``forward(x, weight, bias, eps, process_group, world_size)`` returns ``(y, mean, var, n)``:
+    ``forward(x, weight, bias, eps, process_group, world_size, on_batch=None)`` returns ``(y, mean, var, n)``:
     the output, the global per-channel mean and *biased* variance (non-differentiable, in the
-    statistics dtype) and the global count per channel (a 0-dim float64 tensor).
+    statistics dtype) and the global count per channel (a 0-dim float64 tensor). ``on_batch(mean, var, n)``, when
+    given, runs once those exist and before anything is saved for the backward: the module counts the batch and
+    updates its running averages there (:func:`bnlib.core.running_stats_updater` says why).
 
     Like :mod:`bnlib.functional`, the output is computed from centred data,
     :math:`y = ((x - K) - \delta)\,\gamma/\sqrt{\sigma^2+\epsilon} + \beta`, never as
@@ -232,7 +235,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, process_group,
-                world_size: int):
+                world_size: int, on_batch: Callable[[Tensor, Tensor, Tensor], None] | None = None):
         shape = channel_shape(x)
         sd = stat_dtype(x)
         xs = x.to(sd)
@@ -248,8 +251,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
             y = torch.addcmul(bias.to(sd).view(shape), xc, scale)  # γ (x − μ) / √(σ² + ε) + β
         ctx.process_group, ctx.world_size = process_group, world_size
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, shift, delta, rstd, n)
         mean = mean64.to(sd)
+        if on_batch is not None:  # counts the batch and updates the running averages, before saving
+            on_batch(mean, var, n)  # (bnlib.core.running_stats_updater says why activation checkpointing needs that)
+        ctx.save_for_backward(x, weight, shift, delta, rstd, n)
         ctx.mark_non_differentiable(mean, var, n)
         return y.to(x.dtype), mean, var, n
 
@@ -276,7 +281,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dweight = sum_gx.to(weight.dtype)
         if ctx.needs_input_grad[2]:
             dbias = sum_g.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,13 +348,18 @@ class SyncBatchNorm(BatchNormBase):
                            running_mean=self.running_mean, running_var=self.running_var)
         if not self.eps > 0:  # as in training mode without a process group (a constant channel gives 0/0)
             raise ValueError(f"batch_norm eps must be positive during training, got {self.eps}")
-        y, mean, var, n = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps,
-                                                      self.process_group, world_size)
-        # Counted only now: a forward that raised (e.g. one value per channel over all replicas) is no batch.
-        self._count_batch()
-        if self.track_running_stats and n > 0:  # an empty global batch leaves the statistics alone
-            with torch.no_grad():  # the global mean and the global n/(n−1)·σ²
-                update_running_stats(self.running_mean, self.running_var, mean, var, int(n), self._batch_weight())
+
+        def on_batch(mean: Tensor, var: Tensor, n: Tensor) -> None:
+            # Called inside the Function's forward once the global statistics exist, so a forward that raised
+            # (e.g. one value per channel over all replicas) is no batch; and before it saves tensors, so an
+            # activation checkpoint's recompute counts and updates again, as torch.nn's layers do.
+            self._count_batch()
+            if self.track_running_stats and n > 0:  # an empty global batch leaves the statistics alone
+                with torch.no_grad():  # the global mean and the global n/(n−1)·σ²
+                    update_running_stats(self.running_mean, self.running_var, mean, var, int(n), self._batch_weight())
+
+        y, _, _, _ = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps, self.process_group,
+                                                 world_size, on_batch)
         return y
 
     @classmethod

@@ -2,7 +2,8 @@
 second forward as a batch and update their running statistics again (under both of torch's checkpoint modes),
 exactly as a second plain forward on the same input would. bnlib's layers do the same, so that a model checkpointed
 with bnlib ends with the buffers it would have with torch.nn, and the count ``num_batches_tracked`` always agrees
-with the updates the statistics received (the weights of ``momentum=None``'s cumulative average)."""
+with the updates the statistics received (the weights of ``momentum=None``'s cumulative average).
+SyncBatchNorm with a real process group is checked the same way in tests/test_distributed.py (spawned job)."""
 
 import pytest
 import torch

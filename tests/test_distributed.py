@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import bnlib
 from bnlib.distributed import SyncBatchNorm
@@ -151,6 +152,23 @@ def _train_net(model, rank=None, steps=3):
     return model
 
 
+CHECKPOINT_CASES = [(reentrant, momentum) for reentrant in (False, True) for momentum in (0.1, None)]
+
+
+def _checkpoint_batches():
+    """Three batches of 8 examples (each rank takes 4), with offsets so the running averages move."""
+    g = torch.Generator().manual_seed(7)
+    return [3 * torch.randn(8, 3, generator=g, dtype=torch.float64) + k for k in range(3)]
+
+
+def _play_checkpointed(layer, reentrant, rank=None):
+    """Three training steps through ``checkpoint(layer, ...)``; returns the buffers after them."""
+    for x in _checkpoint_batches():
+        x = (x if rank is None else x[4 * rank:4 * (rank + 1)]).clone().requires_grad_()
+        checkpoint(layer, x, use_reentrant=reentrant).square().sum().backward()
+    return {k: v.clone() for k, v in layer.named_buffers()}
+
+
 # ---------------------------------------------------------------------------------------------
 # The spawned job
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +183,10 @@ def _worker(rank, port, outdir):
             layer = SyncBatchNorm(tail[0], **kwargs).double()
             _init_affine(layer, name)
             res[name] = _play(layer, name, rank)
+
+        # Activation checkpointing: the recompute during the backward is a second forward on the same batch.
+        res["checkpoint"] = {case: _play_checkpointed(SyncBatchNorm(3, momentum=case[1]).double(), case[0], rank)
+                             for case in CHECKPOINT_CASES}
 
         # < 2 values per channel over ALL ranks: every rank raises the same error (no deadlock).
         layer = SyncBatchNorm(3)
@@ -280,6 +302,18 @@ def test_sync_equals_batchnorm_on_concatenated_batch(ranks, name):
                 for r in range(WORLD):
                     torch.testing.assert_close(got[r][key], exp[key], **TOL,
                                                msg=lambda m: f"{name} step {step} rank {r} {key}: {m}")
+
+
+@pytest.mark.parametrize("reentrant,momentum", CHECKPOINT_CASES)
+def test_checkpointed_sync_matches_torch_batchnorm_on_concatenated_batch(ranks, reentrant, momentum):
+    """Under torch's checkpoint (either mode) torch.nn's BN counts the recompute as a batch and updates its running
+    statistics again; SyncBatchNorm, with statistics over both ranks, does the same on every rank."""
+    expected = _play_checkpointed(nn.BatchNorm1d(3, momentum=momentum).double(), reentrant)
+    assert int(expected["num_batches_tracked"]) == 6  # what torch.nn does: 3 batches, each forward twice
+    for r in range(WORLD):
+        got = ranks[r]["checkpoint"][reentrant, momentum]
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, **TOL, msg=lambda m: f"rank {r} {key}: {m}")
 
 
 def test_too_few_values_over_all_ranks_raises_on_every_rank(ranks):
